@@ -1,0 +1,232 @@
+// Package config reads and checks the target's TOML configuration.
+//
+// A file is decoded into loosely typed raw structs (so that a size may be a
+// string or an integer and so that an absent key can be told from a zero),
+// defaults are filled in one place (fromRaw), and the typed Config is then
+// checked by Validate. Every error names the file, the key path and the entry
+// ("target.toml: controller[1] \"vhost.1\": lun[0].bdev: bdev \"mem9\" is not
+// defined"); all errors found are reported together through errors.Join, so a
+// user fixes a file in one pass. deploy/README.md is the key reference and must
+// match the defaults and limits here.
+package config
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+)
+
+// Bdev types (key bdev.type).
+const (
+	TypeMalloc = "malloc" // RAM disk; contents are lost when the target exits
+	TypeFile   = "file"   // regular file or block device, O_DIRECT, served by worker goroutines
+	TypeAIO    = "aio"    // regular file or block device, O_DIRECT, kernel async I/O (io_uring or libaio)
+)
+
+// I/O engines of an aio bdev (key bdev.engine).
+const (
+	EngineAuto   = "auto"   // io_uring when the kernel allows it, else libaio
+	EngineURing  = "uring"  // io_uring only; fail at start-up if unavailable
+	EngineLibaio = "libaio" // Linux native AIO only
+)
+
+// Reactor poll modes (key reactors.poll).
+const (
+	PollBusy     = "busy"     // spin on every reactor CPU: lowest latency, 100% CPU
+	PollAdaptive = "adaptive" // spin while busy, sleep on eventfds when idle
+)
+
+// Limits and defaults. deploy/README.md repeats them; keep both in step.
+const (
+	// SocketPathMax is the longest socket path in bytes: sun_path holds 108
+	// bytes including the terminating NUL (unix(7)).
+	SocketPathMax = 107
+
+	// NameLengthMax bounds bdev and controller names. Names appear in socket
+	// paths, logs and metric labels; 64 bytes is plenty for all three.
+	NameLengthMax = 64
+
+	// NumQueuesMax is the most request queues one controller offers
+	// (GET_QUEUE_NUM). The vhost layer sizes its tables for 2 + NumQueuesMax
+	// vrings (control, event, requests); 64 request queues serve a 64-vCPU
+	// guest with one queue per vCPU.
+	NumQueuesMax = 64
+
+	// NumQueuesDefault is offered when num_queues is absent. QEMU gives a guest
+	// one request queue per vCPU unless -device ...,num_queues= says
+	// otherwise, and QEMU 7.2 does not check that against what the backend
+	// offers, so a default of 1 would break most multi-vCPU guests. Guests
+	// may use fewer queues than offered.
+	NumQueuesDefault = 4
+
+	TargetMax = 255   // SCSI target ids 0..255 (one byte in the virtio-scsi LUN field)
+	LUNMax    = 16383 // LUN ids 0..16383 (SAM flat space addressing, 14 bits)
+
+	BlockSizeDefault = 512 // the only block size SeaBIOS boots from
+
+	WorkersDefault    = 2  // file bdev worker goroutines
+	WorkersMax        = 64 // more workers than this only add contention
+	QueueDepthDefault = 128
+	QueueDepthMax     = 4096 // io_uring SQ entries / io_setup nr_events of one aio bdev channel
+
+	SocketModeDefault = 0o600 // only the socket's owner (normally root, like QEMU under libvirt) may connect
+
+	MetricsListenDefault = "127.0.0.1:9478"
+)
+
+// Config is a validated target configuration.
+type Config struct {
+	// SocketDir holds one vhost-user socket per controller, named after it.
+	SocketDir   string
+	Metrics     Metrics
+	Reactors    Reactors
+	Bdevs       []Bdev
+	Controllers []Controller
+
+	// source names where the configuration came from, for error messages.
+	source string
+}
+
+// Metrics configures the Prometheus endpoint.
+type Metrics struct {
+	// Listen is the host:port of the HTTP endpoint serving /metrics;
+	// "" disables it.
+	Listen string
+}
+
+// Reactors configures the polling threads.
+type Reactors struct {
+	// CPUs lists the CPUs to run one reactor on each, in order; no duplicates.
+	CPUs []int
+	// Poll is PollBusy or PollAdaptive.
+	Poll string
+}
+
+// Bdev describes one block device.
+type Bdev struct {
+	Name string
+	Type string // TypeMalloc, TypeFile or TypeAIO
+	// Path is the backing file or block device (file and aio only).
+	Path string
+	// Engine is the aio engine (aio only): EngineAuto, EngineURing or EngineLibaio.
+	Engine string
+	// Size is the device size in bytes, a multiple of BlockSize. For file and
+	// aio bdevs without Create, 0 means "the size of the backing file".
+	Size uint64
+	// BlockSize is the logical block size in bytes: 512 or 4096.
+	BlockSize uint32
+	// Create makes the backing file (file and aio only) if it does not exist,
+	// with Size bytes; an existing file is used as it is.
+	Create bool
+	// ReadOnly opens the backing file read-only and makes the LUN write-protected.
+	ReadOnly bool
+	// Workers is the number of I/O goroutines (file only).
+	Workers int
+	// QueueDepth is the most I/Os in flight per reactor channel (aio only).
+	QueueDepth int
+	// UUID identifies the device to guests (SCSI serial and VPD page 0x83 are
+	// derived from it). When the file gives none it is BdevUUID(Name), so it
+	// is stable across restarts.
+	UUID [16]byte
+}
+
+// Controller describes one vhost-user-scsi controller (one socket, one
+// virtio-scsi HBA in the guest).
+type Controller struct {
+	Name string
+	// CPUs are the reactors (named by CPU) serving this controller's queues;
+	// a subset of Reactors.CPUs.
+	CPUs []int
+	// NumQueues is the number of request queues offered, 1..NumQueuesMax.
+	NumQueues int
+	// SocketMode is the permission bits of the socket file (at most 0o777).
+	SocketMode uint32
+	// SocketOwner and SocketGroup, when not "", are the user and group the
+	// socket file is given, by name or numeric id. See SocketIDs.
+	SocketOwner string
+	SocketGroup string
+	LUNs        []LUN
+}
+
+// LUN maps a SCSI (target, LUN) address of a controller to a bdev.
+type LUN struct {
+	Target uint8
+	LUN    uint16
+	Bdev   string // name of a Bdev in Config.Bdevs
+}
+
+// Load reads and parses the configuration file at path.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	return Parse(data, path)
+}
+
+// Default returns the built-in configuration: one reactor on the first CPU
+// this process may run on, busy polling, metrics on 127.0.0.1:9478, a 256 MiB
+// malloc bdev "mem0" with 512-byte blocks, and a controller "vhost.0" offering
+// NumQueuesDefault request queues with mem0 at target 0, LUN 0. It is valid.
+func Default() *Config {
+	cpu := allowedCPUs()[0]
+	c := &Config{
+		SocketDir: DefaultSocketDir(),
+		Metrics:   Metrics{Listen: MetricsListenDefault},
+		Reactors:  Reactors{CPUs: []int{cpu}, Poll: PollBusy},
+		Bdevs: []Bdev{{
+			Name:      "mem0",
+			Type:      TypeMalloc,
+			Size:      256 << 20,
+			BlockSize: BlockSizeDefault,
+			UUID:      BdevUUID("mem0"),
+		}},
+		Controllers: []Controller{{
+			Name:       "vhost.0",
+			CPUs:       []int{cpu},
+			NumQueues:  NumQueuesDefault,
+			SocketMode: SocketModeDefault,
+			LUNs:       []LUN{{Target: 0, LUN: 0, Bdev: "mem0"}},
+		}},
+		source: "built-in default config",
+	}
+	if err := c.Validate(); err != nil {
+		// Only a socket directory too long for any socket could get here.
+		panic(fmt.Sprintf("config: built-in default is invalid: %v", err))
+	}
+	return c
+}
+
+// DefaultSocketDir is the socket_dir used when the file sets none:
+// /var/run/vhost-target for root, else $XDG_RUNTIME_DIR/vhost-target when that
+// variable holds an absolute path short enough to leave room for any
+// controller name within SocketPathMax, else /tmp/vhost-target-<uid>.
+func DefaultSocketDir() string {
+	uid := os.Getuid()
+	if uid == 0 {
+		return "/var/run/vhost-target"
+	}
+	if dir := os.Getenv("XDG_RUNTIME_DIR"); filepath.IsAbs(dir) {
+		dir = filepath.Join(dir, "vhost-target")
+		if len(dir)+1+NameLengthMax <= SocketPathMax {
+			return dir
+		}
+	}
+	return "/tmp/vhost-target-" + strconv.Itoa(uid)
+}
+
+// SocketPath is the path of ctrl's vhost-user socket: SocketDir/<name>.
+func (c *Config) SocketPath(ctrl *Controller) string {
+	return filepath.Join(c.SocketDir, ctrl.Name)
+}
+
+// Bdev returns the bdev called name, or nil.
+func (c *Config) Bdev(name string) *Bdev {
+	for i := range c.Bdevs {
+		if c.Bdevs[i].Name == name {
+			return &c.Bdevs[i]
+		}
+	}
+	return nil
+}

@@ -1,0 +1,328 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"strconv"
+	"strings"
+
+	"github.com/BurntSushi/toml"
+)
+
+// The raw structs mirror the file. Pointers tell an absent key from a zero
+// value, so that "block_size = 0" is an error rather than "use the default";
+// size and socket_mode are decoded as any so that their type errors get our
+// key paths instead of stopping the decoder. Integers are int64 so that range
+// errors are ours too.
+type rawConfig struct {
+	SocketDir   *string         `toml:"socket_dir"`
+	Metrics     rawMetrics      `toml:"metrics"`
+	Reactors    rawReactors     `toml:"reactors"`
+	Bdevs       []rawBdev       `toml:"bdev"`
+	Controllers []rawController `toml:"controller"`
+}
+
+type rawMetrics struct {
+	Listen *string `toml:"listen"`
+}
+
+type rawReactors struct {
+	CPUs *[]int64 `toml:"cpus"`
+	Poll *string  `toml:"poll"`
+}
+
+type rawBdev struct {
+	Name       string `toml:"name"`
+	Type       string `toml:"type"`
+	Size       any    `toml:"size"`
+	BlockSize  *int64 `toml:"block_size"`
+	Path       string `toml:"path"`
+	Create     bool   `toml:"create"`
+	ReadOnly   bool   `toml:"read_only"`
+	Workers    *int64 `toml:"workers"`
+	Engine     string `toml:"engine"`
+	QueueDepth *int64 `toml:"queue_depth"`
+	UUID       string `toml:"uuid"`
+}
+
+type rawController struct {
+	Name        string   `toml:"name"`
+	CPUs        *[]int64 `toml:"cpus"`
+	NumQueues   *int64   `toml:"num_queues"`
+	SocketMode  any      `toml:"socket_mode"`
+	SocketOwner string   `toml:"socket_owner"`
+	SocketGroup string   `toml:"socket_group"`
+	LUNs        []rawLUN `toml:"lun"`
+}
+
+type rawLUN struct {
+	Target *int64 `toml:"target"`
+	LUN    *int64 `toml:"lun"`
+	Bdev   string `toml:"bdev"`
+}
+
+// Parse decodes and validates a configuration. source names the data (usually
+// its file name) in every error message. On error the *Config is nil and the
+// error lists every problem found, one per line.
+func Parse(data []byte, source string) (*Config, error) {
+	if source == "" {
+		source = "config"
+	}
+	var raw rawConfig
+	md, err := toml.Decode(string(data), &raw)
+	if err != nil {
+		// Syntax and type errors stop the decoder; they carry the line.
+		var pe toml.ParseError
+		if errors.As(err, &pe) {
+			if pe.LastKey != "" {
+				return nil, fmt.Errorf("%s: line %d: key %s: %s", source, pe.Position.Line, pe.LastKey, pe.Message)
+			}
+			return nil, fmt.Errorf("%s: line %d: %s", source, pe.Position.Line, pe.Message)
+		}
+		return nil, fmt.Errorf("%s: %s", source, strings.TrimPrefix(err.Error(), "toml: "))
+	}
+	errs := newErrorList(source)
+	reportUnknownKeys(data, md.Undecoded(), errs)
+	c := fromRaw(&raw, errs)
+	c.source = source
+	c.validate(errs)
+	if err := errs.err(); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// reportUnknownKeys reports every key the decoder did not use (a typo
+// silently ignored is a disk silently misconfigured). The decoder names keys
+// without array indices ("bdev.sizee"), so the data is decoded once more,
+// untyped, to find which entries hold each key.
+func reportUnknownKeys(data []byte, keys []toml.Key, errs *errorList) {
+	if len(keys) == 0 {
+		return
+	}
+	unknown := map[string]bool{}
+	for _, key := range keys {
+		unknown[key.String()] = true
+	}
+	var tree map[string]any
+	if _, err := toml.Decode(string(data), &tree); err != nil {
+		tree = nil // cannot happen: the same data decoded once already
+	}
+	for _, key := range keys {
+		// Keys inside an unknown table are noise once the table is named.
+		if len(key) > 1 && unknown[key[:len(key)-1].String()] {
+			continue
+		}
+		if !findUnknownKey(tree, key, "", errs) {
+			errs.addf("", "unknown key %q", key.String())
+		}
+	}
+}
+
+// findUnknownKey reports key wherever it occurs below node and says whether
+// it found it. prefix is the key path from the entry errs names to node.
+// Top-level arrays of tables (bdev, controller) become entries, so the
+// error names the entry as validation errors do.
+func findUnknownKey(node map[string]any, key toml.Key, prefix string, errs *errorList) bool {
+	if node == nil || len(key) == 0 {
+		return false
+	}
+	v, ok := node[key[0]]
+	if !ok {
+		return false
+	}
+	if len(key) == 1 {
+		errs.addf("", "unknown key %q", prefix+key[0])
+		return true
+	}
+	found := false
+	switch x := v.(type) {
+	case map[string]any:
+		found = findUnknownKey(x, key[1:], prefix+key[0]+".", errs)
+	case []map[string]any:
+		for i, elem := range x {
+			if prefix == "" && errs.prefix == "" {
+				name, _ := elem["name"].(string)
+				found = findUnknownKey(elem, key[1:], "", errs.entry(key[0], i, name)) || found
+			} else {
+				found = findUnknownKey(elem, key[1:], prefix+key[0]+"["+strconv.Itoa(i)+"].", errs) || found
+			}
+		}
+	}
+	return found
+}
+
+// fromRaw converts the raw file into a Config and fills in every default;
+// this is the only place defaults are chosen. Values that the typed Config
+// cannot hold (a size string, a target id of 300) are reported to errs; every
+// other check is left to Validate so that hand-built configs get it too.
+func fromRaw(raw *rawConfig, errs *errorList) *Config {
+	c := &Config{SocketDir: DefaultSocketDir()}
+	if raw.SocketDir != nil {
+		c.SocketDir = *raw.SocketDir
+	}
+	c.Metrics.Listen = MetricsListenDefault
+	if raw.Metrics.Listen != nil {
+		c.Metrics.Listen = *raw.Metrics.Listen
+	}
+	c.Reactors.CPUs = []int{allowedCPUs()[0]}
+	if raw.Reactors.CPUs != nil {
+		c.Reactors.CPUs = cpuList(*raw.Reactors.CPUs)
+	}
+	c.Reactors.Poll = PollBusy
+	if raw.Reactors.Poll != nil {
+		c.Reactors.Poll = *raw.Reactors.Poll
+	}
+	for i := range raw.Bdevs {
+		c.Bdevs = append(c.Bdevs, bdevFromRaw(&raw.Bdevs[i], errs.entry("bdev", i, raw.Bdevs[i].Name)))
+	}
+	for i := range raw.Controllers {
+		rc := &raw.Controllers[i]
+		c.Controllers = append(c.Controllers, controllerFromRaw(rc, c.Reactors.CPUs, errs.entry("controller", i, rc.Name)))
+	}
+	return c
+}
+
+func bdevFromRaw(rb *rawBdev, errs *errorList) Bdev {
+	b := Bdev{
+		Name:      rb.Name,
+		Type:      rb.Type,
+		Path:      rb.Path,
+		Engine:    rb.Engine,
+		Create:    rb.Create,
+		ReadOnly:  rb.ReadOnly,
+		BlockSize: BlockSizeDefault,
+	}
+	if rb.Size != nil {
+		size, err := sizeValue(rb.Size)
+		if err != nil {
+			errs.addf("size", "%v", err)
+		} else if size == 0 {
+			errs.addf("size", "must be greater than 0")
+		}
+		b.Size = size
+	} else if rb.Type == TypeMalloc {
+		errs.addf("size", "required for type %q", rb.Type)
+	} else if rb.Create {
+		// Without create, a file or aio bdev takes its backing file's size.
+		errs.addf("size", "required with create = true")
+	}
+	if rb.BlockSize != nil {
+		if *rb.BlockSize < 0 || *rb.BlockSize > math.MaxUint32 {
+			errs.addf("block_size", "%d is not 512 or 4096", *rb.BlockSize)
+		} else {
+			b.BlockSize = uint32(*rb.BlockSize)
+		}
+	}
+	if rb.Type == TypeFile {
+		b.Workers = WorkersDefault
+	}
+	if rb.Workers != nil {
+		b.Workers = clampInt(*rb.Workers)
+	}
+	if rb.Type == TypeAIO {
+		if b.Engine == "" {
+			b.Engine = EngineAuto
+		}
+		b.QueueDepth = QueueDepthDefault
+	}
+	if rb.QueueDepth != nil {
+		b.QueueDepth = clampInt(*rb.QueueDepth)
+	}
+	if rb.UUID != "" {
+		u, err := parseUUID(rb.UUID)
+		if err != nil {
+			errs.addf("uuid", "%v", err)
+		}
+		b.UUID = u
+	} else {
+		b.UUID = BdevUUID(rb.Name)
+	}
+	return b
+}
+
+func controllerFromRaw(rc *rawController, reactorCPUs []int, errs *errorList) Controller {
+	ctrl := Controller{
+		Name:        rc.Name,
+		CPUs:        append([]int(nil), reactorCPUs...),
+		NumQueues:   NumQueuesDefault,
+		SocketMode:  SocketModeDefault,
+		SocketOwner: rc.SocketOwner,
+		SocketGroup: rc.SocketGroup,
+	}
+	if rc.CPUs != nil {
+		ctrl.CPUs = cpuList(*rc.CPUs)
+	}
+	if rc.NumQueues != nil {
+		ctrl.NumQueues = clampInt(*rc.NumQueues)
+	}
+	if rc.SocketMode != nil {
+		mode, err := socketModeValue(rc.SocketMode)
+		if err != nil {
+			errs.addf("socket_mode", "%v", err)
+		}
+		ctrl.SocketMode = mode
+	}
+	for j := range rc.LUNs {
+		rl := &rc.LUNs[j]
+		key := "lun[" + strconv.Itoa(j) + "]"
+		var l LUN
+		l.Bdev = rl.Bdev
+		switch {
+		case rl.Target == nil:
+			errs.addf(key+".target", "required")
+		case *rl.Target < 0 || *rl.Target > TargetMax:
+			errs.addf(key+".target", "%d is out of range 0..%d", *rl.Target, TargetMax)
+		default:
+			l.Target = uint8(*rl.Target)
+		}
+		if rl.LUN != nil {
+			if *rl.LUN < 0 || *rl.LUN > LUNMax {
+				errs.addf(key+".lun", "%d is out of range 0..%d", *rl.LUN, LUNMax)
+			} else {
+				l.LUN = uint16(*rl.LUN)
+			}
+		}
+		ctrl.LUNs = append(ctrl.LUNs, l)
+	}
+	return ctrl
+}
+
+// socketModeValue parses a permission string such as "0600" or "660".
+// Integers are refused: TOML reads 600 as decimal, which is not what anyone
+// writing a mode means.
+func socketModeValue(v any) (uint32, error) {
+	s, ok := v.(string)
+	if !ok {
+		return SocketModeDefault, fmt.Errorf("must be an octal string such as \"0660\", not %s", tomlTypeName(v))
+	}
+	t := strings.TrimPrefix(s, "0o")
+	mode, err := strconv.ParseUint(t, 8, 32)
+	if err != nil || t == "" || t[0] == '+' || t[0] == '-' {
+		return SocketModeDefault, fmt.Errorf("%q is not an octal string such as \"0660\"", s)
+	}
+	if mode > 0o777 {
+		return SocketModeDefault, fmt.Errorf("%q has bits above 0777", s)
+	}
+	return uint32(mode), nil
+}
+
+// cpuList converts decoded CPU numbers; values beyond int's range become -1,
+// which Validate reports as not present.
+func cpuList(raw []int64) []int {
+	cpus := make([]int, len(raw))
+	for i, v := range raw {
+		cpus[i] = clampInt(v)
+	}
+	return cpus
+}
+
+// clampInt keeps an out-of-range value out of range after conversion to int
+// (only matters where int is 32 bits), so Validate still refuses it.
+func clampInt(v int64) int {
+	if v > math.MaxInt32 || v < math.MinInt32 {
+		return -1
+	}
+	return int(v)
+}
