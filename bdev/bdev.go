@@ -1,0 +1,121 @@
+// Package bdev defines the block-device seam between SCSI emulation and storage.
+//
+// A Bdev is shared by all reactors; each reactor opens its own Channel and
+// submits IOs through it. Completions are delivered on the submitting
+// reactor: either inline, before Submit returns (memory bdevs), or from a
+// later Poll of the same channel (kernel-backed bdevs). Nothing on this path
+// allocates: IOs are owned by the caller and reused.
+package bdev
+
+import "errors"
+
+// Op is the kind of an IO.
+type Op uint8
+
+const (
+	OpRead        Op = iota + 1 // read Len bytes at Offset into Iov
+	OpWrite                     // write Iov (Len bytes) at Offset
+	OpFlush                     // make every completed write durable
+	OpUnmap                     // deallocate each of Ranges
+	OpWriteZeroes               // zero Len bytes at Offset
+	OpWriteSame                 // write the one block in Iov repeatedly over [Offset, Offset+Len)
+)
+
+var opNames = [...]string{"invalid", "read", "write", "flush", "unmap", "write_zeroes", "write_same"}
+
+func (o Op) String() string {
+	if int(o) < len(opNames) {
+		return opNames[o]
+	}
+	return "invalid"
+}
+
+// Range is a byte range of the device.
+type Range struct {
+	Offset uint64
+	Len    uint64
+}
+
+// MaxRanges bounds the ranges of one unmap IO (and so the UNMAP block
+// descriptors a LUN advertises). IOs carry them inline so nothing allocates.
+const MaxRanges = 32
+
+// Completer is told when an IO finishes. The transport's request type
+// implements it; it is set once when the request slot is created.
+type Completer interface {
+	IODone(io *IO)
+}
+
+// IO is one request to a bdev. Callers allocate IOs at start-up and reuse them.
+type IO struct {
+	Op     Op
+	Offset uint64   // byte offset; a multiple of the block size
+	Len    uint64   // bytes; for reads and writes, the sum of len(Iov[i])
+	Iov    [][]byte // guest buffers (reads, writes) or the pattern block (write same)
+	// Ranges[:NRanges] are the ranges of an unmap.
+	Ranges  [MaxRanges]Range
+	NRanges int
+
+	// Err is the result: nil, or one of the errors below (possibly a
+	// unix.Errno from the kernel, which does not allocate as an error).
+	Err error
+
+	// Done is called exactly once per Submit.
+	Done Completer
+
+	// Priv is for the bdev that owns the IO while it is in flight.
+	Priv uint64
+}
+
+// Errors a bdev reports in IO.Err. SCSI maps them to sense data.
+var (
+	ErrIO       = errors.New("bdev: I/O error")                      // EIO: medium error
+	ErrRange    = errors.New("bdev: offset or length out of range")  // caller bug or resized device
+	ErrReadOnly = errors.New("bdev: device is read-only")            // write to a read-only device
+	ErrNoSpace  = errors.New("bdev: no space left on backing store") // ENOSPC
+	ErrBusy     = errors.New("bdev: too many requests in flight")    // retry later
+	ErrNotSup   = errors.New("bdev: operation not supported")
+)
+
+// Info describes a bdev. It does not change while the bdev is open.
+type Info struct {
+	Name      string
+	Type      string // "malloc", "file", "aio"
+	BlockSize uint32 // logical block size: 512 or 4096
+	NumBlocks uint64
+	// UUID is stable across restarts for a given configuration; SCSI derives
+	// its serial number and VPD 0x83 designators from it.
+	UUID [16]byte
+
+	ReadOnly    bool
+	Unmap       bool // OpUnmap is supported
+	UnmapZeroes bool // unmapped blocks read back as zeroes (LBPRZ)
+	WriteZeroes bool // OpWriteZeroes is efficient (no data transfer)
+	WriteCache  bool // writes may be volatile until OpFlush
+	// OptimalIOBlocks is a hint for the Block Limits VPD page; 0 = none.
+	OptimalIOBlocks uint32
+}
+
+// Bdev is a block device shared by all reactors.
+type Bdev interface {
+	Info() *Info
+	// Open returns a channel for the calling reactor. A channel is used by
+	// one goroutine only.
+	Open() (Channel, error)
+	// Close releases the device after every channel is closed.
+	Close() error
+}
+
+// Channel is one reactor's path to a bdev.
+type Channel interface {
+	// Submit starts io. io.Done.IODone(io) is called exactly once: either
+	// before Submit returns, or from a later Poll on this channel.
+	Submit(io *IO)
+	// Poll reaps finished IOs, calling their Done, and returns how many
+	// completed. It never blocks.
+	Poll() int
+	// InFlight returns the IOs submitted and not yet completed.
+	InFlight() int
+	// Close waits for nothing: the caller drains InFlight to 0 first.
+	Close() error
+}
