@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -140,14 +141,27 @@ func findUnknownKey(node map[string]any, key toml.Key, prefix string, errs *erro
 	switch x := v.(type) {
 	case map[string]any:
 		found = findUnknownKey(x, key[1:], prefix+key[0]+".", errs)
-	case []map[string]any:
+	case []any: // an inline array of tables: bdev = [{...}, {...}]
+		tables := make([]map[string]any, len(x))
 		for i, elem := range x {
-			if prefix == "" && errs.prefix == "" {
-				name, _ := elem["name"].(string)
-				found = findUnknownKey(elem, key[1:], "", errs.entry(key[0], i, name)) || found
-			} else {
-				found = findUnknownKey(elem, key[1:], prefix+key[0]+"["+strconv.Itoa(i)+"].", errs) || found
-			}
+			tables[i], _ = elem.(map[string]any)
+		}
+		found = findInTables(tables, key, prefix, errs)
+	case []map[string]any:
+		found = findInTables(x, key, prefix, errs)
+	}
+	return found
+}
+
+// findInTables runs findUnknownKey on each table of the array named key[0].
+func findInTables(tables []map[string]any, key toml.Key, prefix string, errs *errorList) bool {
+	found := false
+	for i, elem := range tables {
+		if prefix == "" && errs.prefix == "" {
+			name, _ := elem["name"].(string)
+			found = findUnknownKey(elem, key[1:], "", errs.entry(key[0], i, name)) || found
+		} else {
+			found = findUnknownKey(elem, key[1:], prefix+key[0]+"["+strconv.Itoa(i)+"].", errs) || found
 		}
 	}
 	return found
@@ -245,7 +259,7 @@ func bdevFromRaw(rb *rawBdev, errs *errorList) Bdev {
 func controllerFromRaw(rc *rawController, reactorCPUs []int, errs *errorList) Controller {
 	ctrl := Controller{
 		Name:        rc.Name,
-		CPUs:        append([]int(nil), reactorCPUs...),
+		CPUs:        uniqueCPUs(reactorCPUs),
 		NumQueues:   NumQueuesDefault,
 		SocketMode:  SocketModeDefault,
 		SocketOwner: rc.SocketOwner,
@@ -308,6 +322,19 @@ func socketModeValue(v any) (uint32, error) {
 	return uint32(mode), nil
 }
 
+// uniqueCPUs copies cpus without repeats, so that a CPU listed twice in
+// reactors.cpus is reported there and not again for every controller that
+// takes the default.
+func uniqueCPUs(cpus []int) []int {
+	out := make([]int, 0, len(cpus))
+	for _, cpu := range cpus {
+		if !slices.Contains(out, cpu) {
+			out = append(out, cpu)
+		}
+	}
+	return out
+}
+
 // cpuList converts decoded CPU numbers; values beyond int's range become -1,
 // which Validate reports as not present.
 func cpuList(raw []int64) []int {
@@ -318,11 +345,11 @@ func cpuList(raw []int64) []int {
 	return cpus
 }
 
-// clampInt keeps an out-of-range value out of range after conversion to int
-// (only matters where int is 32 bits), so Validate still refuses it.
+// clampInt converts to int; where int is 32 bits a value that does not fit
+// becomes math.MinInt, which every range check refuses.
 func clampInt(v int64) int {
-	if v > math.MaxInt32 || v < math.MinInt32 {
-		return -1
+	if int64(int(v)) != v {
+		return math.MinInt
 	}
 	return int(v)
 }

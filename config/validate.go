@@ -180,7 +180,7 @@ func (c *Config) validateController(ctrl *Controller, e *errorList) {
 				p, len(p), SocketPathMax)
 		}
 	}
-	if len(ctrl.CPUs) == 0 {
+	if len(ctrl.CPUs) == 0 && len(c.Reactors.CPUs) > 0 {
 		e.addf("cpus", "must list at least one CPU")
 	}
 	for i, cpu := range ctrl.CPUs {

@@ -1,0 +1,54 @@
+// FuzzParse feeds arbitrary bytes to Parse. Goal: Parse never panics, and
+// whatever it accepts is a Config that Validate accepts again and whose
+// sockets fit in sun_path; every rejection names the source. Method: seeds
+// are the committed corpus (testdata/fuzz/FuzzParse) plus the test texts.
+package config
+
+import (
+	"strings"
+	"testing"
+)
+
+func FuzzParse(f *testing.F) {
+	f.Add([]byte(withCPU(fullExample)))
+	f.Add([]byte(withCPU(head + mallocBdev + ctrl0)))
+	f.Add([]byte(""))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		c, err := Parse(data, "fuzz.toml")
+		if err != nil {
+			if c != nil {
+				t.Fatal("config returned with an error")
+			}
+			for _, line := range strings.Split(err.Error(), "\n") {
+				if !strings.HasPrefix(line, "fuzz.toml: ") {
+					t.Fatalf("error line does not name the source: %q", line)
+				}
+			}
+			return
+		}
+		if err := c.Validate(); err != nil {
+			t.Fatalf("accepted config does not re-validate: %v", err)
+		}
+		if len(c.Reactors.CPUs) == 0 {
+			t.Fatal("accepted config has no reactors")
+		}
+		for i := range c.Controllers {
+			ctrl := &c.Controllers[i]
+			if p := c.SocketPath(ctrl); len(p) > SocketPathMax {
+				t.Fatalf("socket path %q too long", p)
+			}
+			if len(ctrl.LUNs) == 0 || ctrl.NumQueues < 1 || ctrl.NumQueues > NumQueuesMax {
+				t.Fatalf("accepted controller %+v", ctrl)
+			}
+			for _, l := range ctrl.LUNs {
+				b := c.Bdev(l.Bdev)
+				if b == nil {
+					t.Fatalf("LUN %+v names no bdev", l)
+				}
+				if b.BlockSize != 512 && b.BlockSize != 4096 || b.Size%uint64(b.BlockSize) != 0 {
+					t.Fatalf("accepted bdev %+v", b)
+				}
+			}
+		}
+	})
+}
