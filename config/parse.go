@@ -74,14 +74,17 @@ func Parse(data []byte, source string) (*Config, error) {
 	md, err := toml.Decode(string(data), &raw)
 	if err != nil {
 		// Syntax and type errors stop the decoder; they carry the line.
+		// The decoder may quote input verbatim; keep one error per line.
+		oneLine := strings.NewReplacer("\n", `\n`, "\r", `\r`)
 		var pe toml.ParseError
 		if errors.As(err, &pe) {
 			if pe.LastKey != "" {
-				return nil, fmt.Errorf("%s: line %d: key %s: %s", source, pe.Position.Line, pe.LastKey, pe.Message)
+				return nil, fmt.Errorf("%s: line %d: key %s: %s", source, pe.Position.Line,
+					oneLine.Replace(pe.LastKey), oneLine.Replace(pe.Message))
 			}
-			return nil, fmt.Errorf("%s: line %d: %s", source, pe.Position.Line, pe.Message)
+			return nil, fmt.Errorf("%s: line %d: %s", source, pe.Position.Line, oneLine.Replace(pe.Message))
 		}
-		return nil, fmt.Errorf("%s: %s", source, strings.TrimPrefix(err.Error(), "toml: "))
+		return nil, fmt.Errorf("%s: %s", source, oneLine.Replace(strings.TrimPrefix(err.Error(), "toml: ")))
 	}
 	errs := newErrorList(source)
 	reportUnknownKeys(data, md.Undecoded(), errs)
