@@ -1,0 +1,62 @@
+#!/bin/sh
+# Start a VM whose disks come from vhost-target controller "vhost.0".
+#
+#   [SOCKET=...] [MEM=2G] [CPUS=2] [QUEUES=n] [KERNEL=bzImage] deploy/qemu-vm.sh [extra QEMU arguments...]
+#
+# Requirements, each a hard error in QEMU otherwise:
+#  - vhost-target is running and its config defines controller vhost.0, so
+#    the socket exists (QEMU does not wait for it).
+#  - Guest RAM is a shared, fd-backed memory backend: the target maps the
+#    guest's memory through the memfd QEMU passes over the socket.
+#  - QEMU runs as root or as the controller's socket_owner (socket_mode
+#    "0600" by default).
+# QEMU 7.2 (Debian 12) cannot reconnect to a restarted target: if the target
+# stops, this VM's SCSI I/O hangs until the VM is restarted.
+set -eu
+EXTRA_COUNT=$#
+
+SOCKET=${SOCKET:-/var/run/vhost-target/vhost.0}   # <socket_dir>/<controller name>
+MEM=${MEM:-2G}                                   # guest RAM; all of it is shared with the target
+CPUS=${CPUS:-2}
+# Request queues the guest uses. QEMU's default is one per vCPU; it must not
+# exceed the controller's num_queues (4 for vhost.0 in target.toml), so it is
+# set explicitly here.
+QUEUES=${QUEUES:-$CPUS}
+KERNEL=${KERNEL:-}    # optional: boot a kernel directly (-kernel), else boot from the SCSI disk
+
+# Use KVM only when a real hardware virtualization module is loaded;
+# otherwise fall back to TCG (slow, for functional testing only).
+if grep -qE '^kvm_(intel|amd) ' /proc/modules 2>/dev/null; then
+	ACCEL="-accel kvm -cpu host"
+else
+	ACCEL="-accel tcg,thread=multi -cpu max"
+fi
+
+# The QEMU arguments are collected after the caller's ones in "$@"; the
+# caller's are rotated to the end below.
+set -- "$@" \
+	$ACCEL \
+	-smp "$CPUS" -m "$MEM" \
+	`# Guest RAM from a memfd, shared (share=on) so the target can map it.` \
+	-object memory-backend-memfd,id=mem,size="$MEM",share=on \
+	-machine pc,memory-backend=mem \
+	`# The vhost-user socket of controller vhost.0; QEMU is the client.` \
+	-chardev socket,id=vhost0,path="$SOCKET" \
+	`# The virtio-scsi HBA whose queues the target serves. LUNs appear as` \
+	`# /dev/sdX in the guest (target/LUN from [[controller.lun]]).` \
+	-device vhost-user-scsi-pci,id=scsi0,chardev=vhost0,num_queues="$QUEUES",bootindex=0 \
+	-nographic -serial mon:stdio
+
+if [ -n "$KERNEL" ]; then
+	set -- "$@" -kernel "$KERNEL" -append "console=ttyS0 root=/dev/sda1"
+fi
+
+# Move the caller's extra arguments behind ours.
+i=0
+while [ "$i" -lt "$EXTRA_COUNT" ]; do
+	set -- "$@" "$1"
+	shift
+	i=$((i + 1))
+done
+
+exec qemu-system-x86_64 "$@"
