@@ -48,9 +48,9 @@ const (
 	NameLengthMax = 64
 
 	// NumQueuesMax is the most request queues one controller offers
-	// (GET_QUEUE_NUM). The vhost layer sizes its tables for 2 + NumQueuesMax
-	// vrings (control, event, requests); 64 request queues serve a 64-vCPU
-	// guest with one queue per vCPU.
+	// (GET_QUEUE_NUM), so the vhost layer can size its tables for at most
+	// 2 + NumQueuesMax vrings (control, event, requests); 64 request queues
+	// serve a 64-vCPU guest with one queue per vCPU.
 	NumQueuesMax = 64
 
 	// NumQueuesDefault is offered when num_queues is absent. QEMU gives a guest
@@ -70,7 +70,9 @@ const (
 	QueueDepthDefault = 128
 	QueueDepthMax     = 4096 // io_uring SQ entries / io_setup nr_events of one aio bdev channel
 
-	SocketModeDefault = 0o600 // only the socket's owner (normally root, like QEMU under libvirt) may connect
+	// SocketModeDefault lets only the socket's owner (the target's user,
+	// normally root, unless socket_owner says otherwise) connect.
+	SocketModeDefault = 0o600
 
 	MetricsListenDefault = "127.0.0.1:9478"
 )
