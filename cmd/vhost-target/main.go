@@ -1,0 +1,204 @@
+// Command vhost-target serves virtual SCSI disks to QEMU/KVM guests over
+// vhost-user-scsi.
+//
+//	vhost-target [-c target.toml] [--check] [-log-level info]
+//
+// With no -c it starts on a built-in default: one 256 MiB memory disk on
+// controller vhost.0. See deploy/README.md for the configuration keys.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"runtime"
+	"syscall"
+	"time"
+
+	"vhost-target/bdev"
+	"vhost-target/bdev/malloc"
+	"vhost-target/config"
+	"vhost-target/reactor"
+	"vhost-target/vhost"
+)
+
+func main() {
+	os.Exit(run(os.Args[1:]))
+}
+
+func run(args []string) int {
+	fs := flag.NewFlagSet("vhost-target", flag.ContinueOnError)
+	cfgPath := fs.String("c", "", "configuration file (TOML); without it a built-in default is used")
+	check := fs.Bool("check", false, "validate the configuration and exit")
+	level := fs.String("log-level", "info", "log level: debug, info, warn, error")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(*level)); err != nil {
+		fmt.Fprintf(os.Stderr, "vhost-target: -log-level: %v\n", err)
+		return 2
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lv}))
+	slog.SetDefault(log)
+
+	var cfg *config.Config
+	if *cfgPath == "" {
+		cfg = config.Default()
+		log.Info("no -c given: using the built-in default configuration")
+	} else {
+		var err error
+		if cfg, err = config.Load(*cfgPath); err != nil {
+			fmt.Fprintf(os.Stderr, "vhost-target: invalid configuration:\n%v\n", err)
+			return 1
+		}
+	}
+	if *check {
+		fmt.Printf("%s: configuration is valid (%d bdevs, %d controllers)\n", srcName(*cfgPath), len(cfg.Bdevs), len(cfg.Controllers))
+		return 0
+	}
+	t, err := start(cfg, log)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "vhost-target: %v\n", err)
+		return 1
+	}
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
+	s := <-sig
+	log.Info("signal received: draining in-flight I/O and shutting down", "signal", s.String())
+	t.stop()
+	log.Info("stopped")
+	return 0
+}
+
+func srcName(p string) string {
+	if p == "" {
+		return "built-in default"
+	}
+	return p
+}
+
+// target is a running vhost-target.
+type target struct {
+	log         *slog.Logger
+	reactors    []*reactor.Reactor
+	bdevs       []bdev.Bdev
+	controllers []*vhost.Controller
+	metrics     *http.Server
+}
+
+func start(cfg *config.Config, log *slog.Logger) (t *target, err error) {
+	t = &target{log: log}
+	defer func() {
+		if err != nil {
+			t.stop()
+			t = nil
+		}
+	}()
+	// Each reactor owns a P while it spins; leave room for the control plane,
+	// the metrics server and the garbage collector.
+	if want := len(cfg.Reactors.CPUs) + 2; runtime.GOMAXPROCS(0) < want {
+		runtime.GOMAXPROCS(want)
+	}
+	mode := reactor.Busy
+	if cfg.Reactors.Poll == config.PollAdaptive {
+		mode = reactor.Adaptive
+	}
+	byCPU := map[int]*reactor.Reactor{}
+	for i, cpu := range cfg.Reactors.CPUs {
+		r, err := reactor.New(i, cpu, mode)
+		if err != nil {
+			return t, err
+		}
+		if err := r.Start(); err != nil {
+			return t, err
+		}
+		t.reactors = append(t.reactors, r)
+		byCPU[cpu] = r
+	}
+	bdevs := map[string]bdev.Bdev{}
+	for _, b := range cfg.Bdevs {
+		d, err := openBdev(&b)
+		if err != nil {
+			return t, err
+		}
+		t.bdevs = append(t.bdevs, d)
+		bdevs[b.Name] = d
+	}
+	if err := os.MkdirAll(cfg.SocketDir, 0o755); err != nil {
+		return t, fmt.Errorf("socket_dir: %w", err)
+	}
+	for i := range cfg.Controllers {
+		cc := &cfg.Controllers[i]
+		vc := vhost.Config{
+			Name: cc.Name, SocketPath: cfg.SocketPath(cc), SocketMode: os.FileMode(cc.SocketMode),
+			NumQueues: cc.NumQueues, Logger: log,
+		}
+		vc.SocketUID, vc.SocketGID, err = cc.SocketIDs()
+		if err != nil {
+			return t, fmt.Errorf("controller %q: %w", cc.Name, err)
+		}
+		for _, cpu := range cc.CPUs {
+			vc.Reactors = append(vc.Reactors, byCPU[cpu])
+		}
+		for _, l := range cc.LUNs {
+			vc.LUNs = append(vc.LUNs, vhost.LUNSpec{Target: l.Target, LUN: l.LUN, Bdev: bdevs[l.Bdev]})
+		}
+		c, err := vhost.NewController(vc)
+		if err != nil {
+			return t, err
+		}
+		if err := c.Listen(); err != nil {
+			return t, err
+		}
+		t.controllers = append(t.controllers, c)
+		log.Info("controller listening", "controller", cc.Name, "socket", vc.SocketPath,
+			"luns", len(cc.LUNs), "num_queues", cc.NumQueues, "cpus", fmt.Sprint(cc.CPUs))
+	}
+	if cfg.Metrics.Listen != "" {
+		ln, err := net.Listen("tcp", cfg.Metrics.Listen)
+		if err != nil {
+			return t, fmt.Errorf("metrics.listen: %w", err)
+		}
+		t.metrics = &http.Server{Handler: metricsHandler(t), ReadHeaderTimeout: 10 * time.Second}
+		go t.metrics.Serve(ln)
+		log.Info("metrics listening", "url", "http://"+ln.Addr().String()+"/metrics")
+	}
+	log.Info("vhost-target ready", "reactors", fmt.Sprint(cfg.Reactors.CPUs), "poll", cfg.Reactors.Poll)
+	return t, nil
+}
+
+func openBdev(b *config.Bdev) (bdev.Bdev, error) {
+	switch b.Type {
+	case config.TypeMalloc:
+		return malloc.New(b.Name, b.Size, b.BlockSize, b.UUID)
+	}
+	return nil, fmt.Errorf("bdev %q: type %q is not available in this build yet", b.Name, b.Type)
+}
+
+// stop closes controllers (each drains its in-flight I/O before closing its
+// connections), then reactors, then bdevs.
+func (t *target) stop() {
+	if t.metrics != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		t.metrics.Shutdown(ctx)
+		cancel()
+	}
+	for _, c := range t.controllers {
+		if err := c.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+			t.log.Warn("closing controller", "controller", c.Name(), "err", err)
+		}
+	}
+	for _, r := range t.reactors {
+		r.Stop()
+	}
+	for _, b := range t.bdevs {
+		b.Close()
+	}
+}

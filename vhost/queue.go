@@ -1,0 +1,447 @@
+package vhost
+
+import (
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"vhost-target/bdev"
+	"vhost-target/reactor"
+	"vhost-target/scsi"
+	"vhost-target/vhost/virtq"
+)
+
+// virtio-scsi request and response layouts (virtio spec 5.6.6, cdb 32 / sense 96).
+const (
+	reqHdrSize  = 8 + 8 + 1 + 1 + 1 + 32 // lun, tag, task_attr, prio, crn, cdb
+	respHdrSize = 4 + 4 + 2 + 1 + 1 + 96 // sense_len, resid, status_qualifier, status, response, sense
+	senseMax    = 96
+)
+
+// virtio-scsi response codes (virtio spec 5.6.6.1).
+const (
+	respOK           = 0
+	respOverrun      = 1
+	respAborted      = 2
+	respBadTarget    = 3
+	respReset        = 4
+	respBusy         = 5
+	respTransportErr = 6
+	respTargetFail   = 7
+	respNexusFail    = 8
+	respFailure      = 9
+	respIncorrectLUN = 12
+)
+
+// maxSlots bounds the requests one queue keeps in flight (and preallocates).
+const maxSlots = 1024
+
+// popBatch bounds the chains taken from a queue per poll, so one busy queue
+// cannot starve the others on its reactor.
+const popBatch = 32
+
+var callValue = [8]byte{1}
+
+// request is one in-flight virtio-scsi command; preallocated per queue.
+type request struct {
+	q     *queue
+	chain virtq.Chain
+	cmd   scsi.Cmd
+	data  [virtq.MaxSegments][]byte // data buffers after the headers (guest memory)
+	resp  [respHdrSize]byte
+	lun   int // lunRef.idx of the LUN that got the IO, -1 for none
+}
+
+// queue is a request virtqueue running on one reactor. Only that reactor
+// touches it after start; the control plane talks to it with reactor.Call.
+type queue struct {
+	s    *session
+	r    *reactor.Reactor
+	vq   *virtq.Queue
+	idx  int // vring index
+	kick int
+	call int
+
+	slots    []request
+	free     []*request
+	inflight int
+	heads    []uint64 // bitmap of heads in flight: a head twice is a broken driver
+	pending  int      // used elements pushed since the last Publish
+	chans    []bdev.Channel
+	scratch  []byte
+	broken   bool
+	stopping bool
+	stopCh   chan uint16 // set by stop; the reactor sends the final avail index
+
+	// Counters written only by the owning reactor; read through reactor.Call.
+	rq    int // request queue number (vring index - 2)
+	st    QueueCounters
+	lunSt []LUNCounters // by lunRef.idx
+}
+
+func startQueue(s *session, v *vring, vq *virtq.Queue) (*queue, error) {
+	c := s.c
+	rq := v.idx - 2
+	r := c.cfg.Reactors[rq%len(c.cfg.Reactors)]
+	n := int(vq.Size())
+	if n > maxSlots {
+		n = maxSlots
+	}
+	q := &queue{
+		s: s, r: r, vq: vq, idx: v.idx, kick: v.kick, call: v.call,
+		slots:   make([]request, n),
+		free:    make([]*request, 0, n),
+		heads:   make([]uint64, (int(vq.Size())+63)/64),
+		chans:   make([]bdev.Channel, len(c.bdevs)),
+		scratch: make([]byte, scsi.ScratchSize),
+		rq:      rq,
+		lunSt:   make([]LUNCounters, len(c.bdevs)),
+	}
+	for i := range q.slots {
+		req := &q.slots[i]
+		req.q = q
+		req.cmd.Buf = q.scratch
+		req.cmd.IO.Done = req
+		q.free = append(q.free, req)
+	}
+	for i, b := range c.bdevs {
+		ch, err := b.Open()
+		if err != nil {
+			for _, o := range q.chans[:i] {
+				o.Close()
+			}
+			return nil, protoErr("vring %d: open bdev %s: %v", v.idx, b.Info().Name, err)
+		}
+		q.chans[i] = ch
+	}
+	err := r.Call(func() {
+		if q.kick >= 0 && r.Mode() == reactor.Adaptive {
+			r.WatchFD(q.kick)
+		}
+		q.vq.SetNotification(false) // we poll; Arm enables kicks before an adaptive sleep
+		r.AddPoller(q)
+		// One spurious interrupt after (re)start: a guest that missed a call
+		// while the ring was stopped would otherwise wait forever (as SPDK does).
+		q.signal()
+	})
+	if err != nil {
+		return nil, protoErr("vring %d: reactor %d: %v", v.idx, r.ID(), err)
+	}
+	c.Stats.add(q)
+	s.log.Debug("request queue started", "vring", v.idx, "reactor", r.ID(), "size", vq.Size())
+	return q, nil
+}
+
+// setCall swaps the call fd on the owning reactor.
+func (q *queue) setCall(fd int) { q.r.Call(func() { q.call = fd }) }
+
+// stop drains the queue on its reactor (in-flight requests complete and are
+// published), removes it, and returns the next avail index.
+func (q *queue) stop() uint16 {
+	ch := make(chan uint16, 1)
+	if err := q.r.Call(func() { q.stopping, q.stopCh = true, ch; q.Poll() }); err != nil {
+		// The reactor is gone: nothing runs the queue any more.
+		ch <- q.vq.LastAvail()
+	}
+	var base uint16
+	select {
+	case base = <-ch:
+	case <-time.After(30 * time.Second):
+		q.s.log.Error("request queue did not drain in 30 s; its in-flight requests are lost",
+			"vring", q.idx)
+		if q.r.Call(func() { q.finishStop() }) != nil {
+			ch <- q.vq.LastAvail()
+		}
+		base = <-ch
+	}
+	for _, c := range q.chans {
+		c.Close()
+	}
+	q.s.c.Stats.retire(q)
+	return base
+}
+
+func (q *queue) finishStop() {
+	if q.stopCh == nil {
+		return
+	}
+	if q.pending > 0 {
+		q.publish()
+	}
+	if q.kick >= 0 && q.r.Mode() == reactor.Adaptive {
+		q.r.UnwatchFD(q.kick)
+	}
+	q.r.RemovePoller(q)
+	q.stopCh <- q.vq.LastAvail()
+	q.stopCh = nil
+}
+
+// Poll reaps bdev completions, then starts up to popBatch new requests.
+func (q *queue) Poll() int {
+	work := 0
+	for _, ch := range q.chans {
+		if ch.InFlight() > 0 {
+			work += ch.Poll()
+		}
+	}
+	if q.stopping {
+		if q.pending > 0 {
+			q.publish()
+		}
+		if q.inflight == 0 {
+			q.finishStop()
+		}
+		return work
+	}
+	for i := 0; i < popBatch && !q.broken && len(q.free) > 0; i++ {
+		r := q.free[len(q.free)-1]
+		ok, err := q.vq.Pop(&r.chain)
+		if err != nil {
+			q.popError(r, err)
+			continue
+		}
+		if !ok {
+			break
+		}
+		h := r.chain.Head
+		if q.heads[h/64]&(1<<(h%64)) != 0 {
+			q.markBroken("head already in flight", int(h))
+			break
+		}
+		q.heads[h/64] |= 1 << (h % 64)
+		q.free = q.free[:len(q.free)-1]
+		q.inflight++
+		work++
+		q.execute(r)
+	}
+	if q.pending > 0 {
+		q.publish()
+	}
+	q.st.Polls++
+	return work
+}
+
+func (q *queue) popError(r *request, err error) {
+	if ce, ok := err.(*virtq.ChainError); ok {
+		// One malformed chain: complete it with nothing written and go on.
+		q.st.BadChains++
+		q.vq.Push(ce.Head, 0)
+		q.pending++
+		if q.st.BadChains <= 10 {
+			q.s.log.Warn("malformed descriptor chain failed", "vring", q.idx, "head", ce.Head, "err", err)
+		}
+		return
+	}
+	q.markBroken(err.Error(), -1)
+}
+
+// markBroken stops processing a queue whose rings the driver has corrupted.
+// The guest must reset the device; the rest of the process is untouched.
+func (q *queue) markBroken(why string, head int) {
+	q.broken = true
+	q.st.Broken++
+	q.s.log.Error("virtqueue broken by the driver; it needs a device reset", "vring", q.idx, "head", head, "err", why)
+}
+
+func (q *queue) publish() {
+	q.pending = 0
+	if q.vq.Publish() {
+		q.signal()
+	}
+}
+
+func (q *queue) signal() {
+	if q.call >= 0 {
+		unix.Write(q.call, callValue[:])
+		q.st.Signals++
+	}
+}
+
+// Arm lets an adaptive reactor sleep: enable kicks, then look again.
+func (q *queue) Arm() bool {
+	if q.inflight > 0 || q.stopping || q.kick < 0 {
+		return false
+	}
+	q.vq.SetNotification(true)
+	return !q.vq.HasAvail()
+}
+
+// Disarm returns to polling: suppress kicks and drain the kick eventfd.
+func (q *queue) Disarm() {
+	q.vq.SetNotification(false)
+	var b [8]byte
+	unix.Read(q.kick, b[:])
+}
+
+// execute parses a chain as a virtio-scsi command and runs it.
+func (q *queue) execute(r *request) {
+	c := &r.chain
+	rd, wr := c.Readable(), c.Writable()
+	if c.ReadLen < reqHdrSize || c.WriteLen < respHdrSize {
+		// No room for the request or the response: nothing can be written back.
+		q.st.BadRequests++
+		q.finish(r, 0)
+		return
+	}
+	var hdr [reqHdrSize]byte
+	gather(hdr[:], rd)
+	cmd := &r.cmd
+	copy(cmd.CDB[:], hdr[19:51])
+	cmd.Status, cmd.SenseLen, cmd.Resid = 0, 0, 0
+	r.lun = -1
+
+	dataOut := c.ReadLen - reqHdrSize
+	dataIn := c.WriteLen - respHdrSize
+	switch {
+	case dataOut > 0 && dataIn > 0:
+		// Bidirectional commands need VIRTIO_SCSI_F_INOUT, which we don't offer.
+		q.st.BadRequests++
+		q.respond(r, respFailure)
+		return
+	case dataOut > 0:
+		cmd.Dir, cmd.DataLen = scsi.DirOut, dataOut
+		cmd.Data = skip(r.data[:0], rd, reqHdrSize)
+	case dataIn > 0:
+		cmd.Dir, cmd.DataLen = scsi.DirIn, dataIn
+		cmd.Data = skip(r.data[:0], wr, respHdrSize)
+	default:
+		cmd.Dir, cmd.DataLen, cmd.Data = scsi.DirNone, 0, nil
+	}
+
+	// LUN addressing (virtio spec 5.6.6.1): byte 0 is 1, byte 1 the target,
+	// bytes 2-3 the LUN with the flat-space bit (0x40) that Linux sets.
+	if hdr[0] != 1 {
+		q.respond(r, respBadTarget)
+		return
+	}
+	t := q.s.c.targets[hdr[1]]
+	if t == nil {
+		q.respond(r, respBadTarget)
+		return
+	}
+	if hdr[2] != 0 && hdr[2]&0xc0 != 0x40 {
+		q.respond(r, respIncorrectLUN)
+		return
+	}
+	lunID := (uint16(hdr[2])<<8 | uint16(hdr[3])) & 0x3fff
+	var act scsi.Action
+	if ref := t.find(lunID); ref != nil {
+		r.lun = ref.idx
+		act = ref.lun.Execute(cmd)
+	} else {
+		act = t.t.Execute(lunID, cmd)
+	}
+	if act == scsi.ActionIO {
+		q.chans[r.lun].Submit(&cmd.IO) // completes through IODone, maybe inline
+		return
+	}
+	q.respond(r, respOK)
+}
+
+func (t *target) find(id uint16) *lunRef {
+	for i := range t.luns {
+		if t.luns[i].id == id {
+			return &t.luns[i]
+		}
+	}
+	return nil
+}
+
+// IODone is called by the bdev on this queue's reactor.
+func (r *request) IODone(io *bdev.IO) {
+	r.cmd.CompleteIO()
+	r.q.respond(r, respOK)
+}
+
+// respond writes the virtio-scsi response header and completes the request.
+func (q *queue) respond(r *request, response byte) {
+	cmd := &r.cmd
+	b := &r.resp
+	sl := uint32(cmd.SenseLen)
+	le32(b[0:], sl)
+	le32(b[4:], cmd.Resid)
+	b[8], b[9] = 0, 0
+	b[10] = cmd.Status
+	b[11] = response
+	copy(b[12:], cmd.Sense[:sl])
+	clear(b[12+sl:])
+	scatter(r.chain.Writable(), b[:])
+	written := uint32(respHdrSize)
+	if response == respOK && cmd.Dir == scsi.DirIn {
+		written += cmd.DataLen - cmd.Resid
+	}
+	if response == respOK && r.lun >= 0 {
+		q.account(r)
+	} else if response != respOK {
+		q.st.TransportErrors++
+	}
+	q.finish(r, written)
+}
+
+func (q *queue) account(r *request) {
+	cmd := &r.cmd
+	st := &q.lunSt[r.lun]
+	if cmd.Status != 0 {
+		st.Errors++
+	}
+	switch cmd.IO.Op {
+	case bdev.OpRead:
+		st.Reads++
+		st.ReadBytes += uint64(cmd.DataLen - cmd.Resid)
+	case bdev.OpWrite:
+		st.Writes++
+		st.WriteBytes += uint64(cmd.DataLen - cmd.Resid)
+	case bdev.OpFlush:
+		st.Flushes++
+	case bdev.OpUnmap, bdev.OpWriteZeroes:
+		st.Unmaps++
+	}
+	cmd.IO.Op = 0
+}
+
+// finish pushes the used element and recycles the slot.
+func (q *queue) finish(r *request, written uint32) {
+	h := r.chain.Head
+	q.heads[h/64] &^= 1 << (h % 64)
+	q.vq.Push(h, written)
+	q.pending++
+	q.inflight--
+	q.free = append(q.free, r)
+	q.st.Requests++
+}
+
+// gather copies the first len(dst) bytes of segs into dst.
+func gather(dst []byte, segs [][]byte) {
+	for _, s := range segs {
+		n := copy(dst, s)
+		dst = dst[n:]
+		if len(dst) == 0 {
+			return
+		}
+	}
+}
+
+// scatter copies src over the start of segs.
+func scatter(segs [][]byte, src []byte) {
+	for _, s := range segs {
+		n := copy(s, src)
+		src = src[n:]
+		if len(src) == 0 {
+			return
+		}
+	}
+}
+
+// skip appends to dst the parts of segs after the first off bytes.
+func skip(dst [][]byte, segs [][]byte, off uint32) [][]byte {
+	for _, s := range segs {
+		if off >= uint32(len(s)) {
+			off -= uint32(len(s))
+			continue
+		}
+		dst = append(dst, s[off:])
+		off = 0
+	}
+	return dst
+}
+

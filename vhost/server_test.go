@@ -1,0 +1,123 @@
+package vhost_test
+
+import (
+	"bytes"
+	"encoding/binary"
+	"io"
+	"log/slog"
+	"math/rand"
+	"path/filepath"
+	"testing"
+
+	"vhost-target/bdev"
+	"vhost-target/bdev/malloc"
+	"vhost-target/reactor"
+	"vhost-target/vhost"
+	"vhost-target/vhost/frontend"
+)
+
+// env is a target with one reactor and a controller per LUN layout.
+type env struct {
+	t     *testing.T
+	r     []*reactor.Reactor
+	ctrls []*vhost.Controller
+	disks []*malloc.Disk
+}
+
+func newEnv(t *testing.T, reactors int, mode reactor.Mode) *env {
+	e := &env{t: t}
+	for i := 0; i < reactors; i++ {
+		r, err := reactor.New(i, -1, mode)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := r.Start(); err != nil {
+			t.Fatal(err)
+		}
+		e.r = append(e.r, r)
+	}
+	t.Cleanup(e.close)
+	return e
+}
+
+func (e *env) disk(name string, size uint64, bs uint32) *malloc.Disk {
+	d, err := malloc.New(name, size, bs, [16]byte{byte(len(e.disks) + 1)})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.disks = append(e.disks, d)
+	return d
+}
+
+func (e *env) controller(name string, nq int, luns ...vhost.LUNSpec) string {
+	sock := filepath.Join(e.t.TempDir(), name)
+	c, err := vhost.NewController(vhost.Config{
+		Name: name, SocketPath: sock, NumQueues: nq, Reactors: e.r, LUNs: luns, SocketUID: -1, SocketGID: -1,
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+	})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if err := c.Listen(); err != nil {
+		e.t.Fatal(err)
+	}
+	e.ctrls = append(e.ctrls, c)
+	return sock
+}
+
+func (e *env) close() {
+	for _, c := range e.ctrls {
+		c.Close()
+	}
+	for _, r := range e.r {
+		r.Stop()
+	}
+	for _, d := range e.disks {
+		d.Close()
+	}
+}
+
+func lun(t uint8, l uint16, b bdev.Bdev) vhost.LUNSpec { return vhost.LUNSpec{Target: t, LUN: l, Bdev: b} }
+
+func rw10(op byte, lba uint32, blocks uint16) []byte {
+	c := make([]byte, 10)
+	c[0] = op
+	binary.BigEndian.PutUint32(c[2:], lba)
+	binary.BigEndian.PutUint16(c[7:], blocks)
+	return c
+}
+
+func TestSmokeWriteReadBack(t *testing.T) {
+	e := newEnv(t, 1, reactor.Busy)
+	d := e.disk("m0", 8<<20, 512)
+	sock := e.controller("c0", 1, lun(0, 0, d))
+	dev, err := frontend.Dial(sock, frontend.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	resp, err := dev.Do(frontend.Command{CDB: []byte{0x12, 0, 0, 0, 96, 0}, DataInLen: 96})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.Response != 0 || resp.Status != 0 {
+		t.Fatalf("inquiry: %+v", resp)
+	}
+	t.Logf("inquiry: %q", resp.DataIn[8:32])
+	data := make([]byte, 8*512)
+	rand.Read(data)
+	resp, err = dev.Do(frontend.Command{CDB: rw10(0x2a, 100, 8), DataOut: data, Segments: 3})
+	if err != nil || resp.Status != 0 || resp.Response != 0 {
+		t.Fatalf("write: %v %+v", err, resp)
+	}
+	resp, err = dev.Do(frontend.Command{CDB: rw10(0x28, 100, 8), DataInLen: len(data), Segments: 5})
+	if err != nil || resp.Status != 0 || resp.Response != 0 {
+		t.Fatalf("read: %v %+v", err, resp)
+	}
+	if !bytes.Equal(resp.DataIn, data) {
+		t.Fatal("read back differs from what was written")
+	}
+	if !bytes.Equal(d.Bytes()[100*512:108*512], data) {
+		t.Fatal("disk content differs")
+	}
+}

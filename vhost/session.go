@@ -1,0 +1,552 @@
+package vhost
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"slices"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"vhost-target/vhost/guestmem"
+	"vhost-target/vhost/proto"
+	"vhost-target/vhost/virtq"
+)
+
+// Features the target offers.
+const (
+	offeredFeatures = 1<<proto.FVersion1 | 1<<proto.FRingIndirectDesc | 1<<proto.FRingEventIdx |
+		1<<proto.FProtocolFeatures | 1<<proto.FVirtioSCSIHotplug | 1<<proto.FVirtioSCSIChange
+	offeredProtocolFeatures = 1<<proto.PFMQ | 1<<proto.PFReplyAck | 1<<proto.PFResetDevice
+	// refusedFeatures would change the ring format or address translation; we
+	// implement neither, so a front-end that insists is refused (notes A.5).
+	refusedFeatures = 1<<proto.FRingPacked | 1<<proto.FAccessPlatform | 1<<proto.FVirtioSCSIT10PI
+)
+
+// errProtocol marks a front-end message that breaks the protocol: the
+// connection is closed with one log line.
+var errProtocol = errors.New("protocol error")
+
+func protoErr(format string, a ...any) error {
+	return fmt.Errorf("%w: %s", errProtocol, fmt.Sprintf(format, a...))
+}
+
+// vring is the control plane's view of one virtqueue.
+type vring struct {
+	idx     int
+	num     uint32
+	base    uint16 // next avail index; updated when a running queue stops
+	addr    proto.VringAddr
+	addrSet bool
+	kickSet bool // SET_VRING_KICK seen since the last stop
+	kick    int  // eventfd or -1 (polling)
+	call    int  // eventfd or -1
+	enabled bool
+
+	req  *queue     // running request queue (idx >= 2)
+	ctrl *ctrlQueue // running control queue (idx == 0)
+}
+
+// session is one connected front-end.
+type session struct {
+	c     *Controller
+	conn  *proto.Conn
+	uconn *net.UnixConn
+	log   *slog.Logger
+
+	features, protoFeatures uint64
+	featuresAcked           bool
+	owner                   bool
+	mem                     *guestmem.Table
+	vrings                  [2 + MaxQueues]vring
+	broken                  bool
+
+	// live lists the running request queues for the control queue's
+	// goroutine (task management waits for their in-flight requests).
+	qmu  sync.Mutex
+	live []*queue
+}
+
+func newSession(c *Controller, conn *net.UnixConn) *session {
+	s := &session{c: c, conn: proto.NewConn(conn), uconn: conn, log: c.log}
+	for i := range s.vrings {
+		s.vrings[i] = vring{idx: i, kick: -1, call: -1}
+	}
+	return s
+}
+
+// shutdown asks serve to end: it drains and releases everything on its way out.
+func (s *session) shutdown() { s.uconn.CloseRead() }
+
+func (s *session) serve() {
+	s.log.Info("front-end connected")
+	s.c.Stats.connections.Add(1)
+	defer func() {
+		s.teardown()
+		s.conn.Close()
+		s.log.Info("front-end disconnected; session state dropped")
+	}()
+	for {
+		m, err := s.conn.Recv()
+		if err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			s.c.Stats.protocolErrors.Add(1)
+			s.log.Warn("closing connection: bad message", "err", err)
+			return
+		}
+		if err := s.handle(m); err != nil {
+			m.CloseFDs()
+			s.c.Stats.protocolErrors.Add(1)
+			s.log.Warn("closing connection", "msg", m.Request.String(), "err", err)
+			return
+		}
+		m.CloseFDs() // any fd a handler did not take
+	}
+}
+
+// fdRule says how many fds a message may carry.
+func wantFDs(m *proto.Msg) (min, max int) {
+	switch m.Request {
+	case proto.SetMemTable:
+		return 1, proto.MaxMemRegions
+	case proto.SetVringKick, proto.SetVringCall, proto.SetVringErr:
+		if len(m.Payload) == 8 && m.Payload[1]&1 != 0 { // bit 8 of the u64: no fd
+			return 0, 0
+		}
+		return 1, 1
+	case proto.SetLogFD, proto.SetBackendReqFD:
+		return 1, 1
+	}
+	return 0, 0
+}
+
+func (s *session) handle(m *proto.Msg) error {
+	if m.Flags&proto.FlagReply != 0 {
+		return protoErr("reply flag set on a request")
+	}
+	if lo, hi := wantFDs(m); len(m.FDs) < lo || len(m.FDs) > hi {
+		return protoErr("%d fds attached, want %d..%d", len(m.FDs), lo, hi)
+	}
+	replied := false
+	var err error
+	switch m.Request {
+	case proto.GetFeatures:
+		err, replied = s.conn.ReplyU64(m.Request, offeredFeatures), true
+	case proto.SetFeatures:
+		err = s.setFeatures(m)
+	case proto.GetProtocolFeatures:
+		err, replied = s.conn.ReplyU64(m.Request, offeredProtocolFeatures), true
+	case proto.SetProtocolFeatures:
+		var v uint64
+		if v, err = proto.U64(m); err == nil {
+			// Bits we never offered are ignored rather than fatal (notes A.5).
+			s.protoFeatures = v & offeredProtocolFeatures
+		}
+	case proto.GetQueueNum:
+		err, replied = s.conn.ReplyU64(m.Request, uint64(2+s.c.cfg.NumQueues)), true
+	case proto.SetOwner:
+		if len(m.Payload) != 0 {
+			return protoErr("SET_OWNER with %d payload bytes", len(m.Payload))
+		}
+		s.owner = true
+	case proto.ResetOwner, proto.ResetDevice:
+		if len(m.Payload) != 0 {
+			return protoErr("%v with %d payload bytes", m.Request, len(m.Payload))
+		}
+		s.reset()
+	case proto.SetMemTable:
+		err = s.setMemTable(m)
+	case proto.SetVringNum:
+		err = s.setVringNum(m)
+	case proto.SetVringAddr:
+		err = s.setVringAddr(m)
+	case proto.SetVringBase:
+		err = s.setVringBase(m)
+	case proto.GetVringBase:
+		err, replied = s.getVringBase(m), true
+	case proto.SetVringKick, proto.SetVringCall, proto.SetVringErr:
+		err = s.setVringFD(m)
+	case proto.SetVringEnable:
+		err = s.setVringEnable(m)
+	case proto.GetConfig:
+		// vhost-user-scsi's config space comes from QEMU, not us; we do not
+		// offer PROTOCOL_F_CONFIG. Refuse cleanly: a reply with size 0.
+		var cfg proto.Config
+		if cfg, _, err = proto.DecodeConfig(m); err == nil {
+			var b [proto.ConfigHeaderSize]byte
+			le32(b[0:], cfg.Offset)
+			le32(b[8:], cfg.Flags)
+			err, replied = s.conn.Reply(m.Request, b[:]), true
+		}
+	case proto.SetConfig:
+		if _, _, err = proto.DecodeConfig(m); err == nil && m.NeedReply() {
+			err, replied = s.conn.ReplyU64(m.Request, 1), true // refused: we have no config space
+		}
+	case proto.SetLogFD, proto.SetBackendReqFD:
+		// Not offered; accept and drop the fd (closed by the caller).
+		if m.Request == proto.SetBackendReqFD && len(m.Payload) != 0 {
+			return protoErr("SET_BACKEND_REQ_FD with payload")
+		}
+	default:
+		return protoErr("unsupported request %v (%d)", m.Request, uint32(m.Request))
+	}
+	if err != nil {
+		return err
+	}
+	if !replied && m.NeedReply() && s.protoFeatures&(1<<proto.PFReplyAck) != 0 {
+		return s.conn.ReplyU64(m.Request, 0)
+	}
+	return nil
+}
+
+func le32(b []byte, v uint32) { b[0], b[1], b[2], b[3] = byte(v), byte(v>>8), byte(v>>16), byte(v>>24) }
+
+func (s *session) setFeatures(m *proto.Msg) error {
+	v, err := proto.U64(m)
+	if err != nil {
+		return err
+	}
+	if v&refusedFeatures != 0 {
+		return protoErr("front-end requires features %#x we do not implement (packed ring, IOMMU or T10-PI)", v&refusedFeatures)
+	}
+	// Extra bits such as VIRTIO_F_RING_RESET or ANY_LAYOUT arrive unoffered from
+	// QEMU 7.2; they change nothing we do, so they are tolerated.
+	s.features = v
+	s.featuresAcked = true
+	// Without PROTOCOL_FEATURES rings are enabled as soon as they start.
+	return s.updateAll()
+}
+
+func (s *session) vringIndex(idx uint32) (*vring, error) {
+	if idx >= uint32(len(s.vrings)) {
+		return nil, protoErr("vring index %d out of range (max %d)", idx, len(s.vrings)-1)
+	}
+	return &s.vrings[idx], nil
+}
+
+func (s *session) setMemTable(m *proto.Msg) error {
+	regs, err := proto.DecodeMemTable(m)
+	if err != nil {
+		return err
+	}
+	gr := make([]guestmem.Region, len(regs))
+	for i, r := range regs {
+		gr[i] = guestmem.Region{GPA: r.GPA, Size: r.Size, UVA: r.UVA, MmapOffset: r.MmapOffset}
+	}
+	if s.mem != nil && s.mem.Equal(gr) && s.mem.SameFiles(m.FDs) {
+		return nil // QEMU resends the same table at every start (notes A.3)
+	}
+	// Quiesce every running ring before the old mappings go away: requests in
+	// flight write into guest memory.
+	running := s.stopAll()
+	t, err := guestmem.Map(gr, m.FDs)
+	if err != nil {
+		return protoErr("SET_MEM_TABLE: %v", err)
+	}
+	if s.mem != nil {
+		s.mem.Close()
+	}
+	s.mem = t
+	for _, v := range running {
+		if err := s.update(v); err != nil {
+			return err
+		}
+	}
+	return s.updateAll()
+}
+
+func (s *session) setVringNum(m *proto.Msg) error {
+	st, err := proto.DecodeVringState(m)
+	if err != nil {
+		return err
+	}
+	v, err := s.vringIndex(st.Index)
+	if err != nil {
+		return err
+	}
+	if st.Num == 0 || st.Num&(st.Num-1) != 0 || st.Num > virtq.MaxSize {
+		return protoErr("vring %d: size %d is not a power of two in 1..%d", st.Index, st.Num, virtq.MaxSize)
+	}
+	if v.running() {
+		return protoErr("vring %d: SET_VRING_NUM while running", st.Index)
+	}
+	v.num = st.Num
+	return nil
+}
+
+func (s *session) setVringAddr(m *proto.Msg) error {
+	a, err := proto.DecodeVringAddr(m)
+	if err != nil {
+		return err
+	}
+	v, err := s.vringIndex(a.Index)
+	if err != nil {
+		return err
+	}
+	if v.running() {
+		// Re-addressing a running ring: stop it, then restart on the new rings.
+		s.stop(v)
+	}
+	v.addr, v.addrSet = a, true
+	if s.mem != nil {
+		if _, err := s.mem.UVA(a.Desc, 1); err != nil {
+			return protoErr("vring %d: descriptor table address %#x: %v", a.Index, a.Desc, err)
+		}
+		if _, err := s.mem.UVA(a.Avail, 1); err != nil {
+			return protoErr("vring %d: avail ring address %#x: %v", a.Index, a.Avail, err)
+		}
+		if _, err := s.mem.UVA(a.Used, 1); err != nil {
+			return protoErr("vring %d: used ring address %#x: %v", a.Index, a.Used, err)
+		}
+	}
+	return s.update(v)
+}
+
+func (s *session) setVringBase(m *proto.Msg) error {
+	st, err := proto.DecodeVringState(m)
+	if err != nil {
+		return err
+	}
+	v, err := s.vringIndex(st.Index)
+	if err != nil {
+		return err
+	}
+	if v.running() {
+		return protoErr("vring %d: SET_VRING_BASE while running", st.Index)
+	}
+	if st.Num > 0xffff {
+		return protoErr("vring %d: base %#x does not fit a split ring", st.Index, st.Num)
+	}
+	v.base = uint16(st.Num)
+	return nil
+}
+
+// getVringBase stops the ring, draining in-flight requests, then replies with
+// the next avail index (notes A.4).
+func (s *session) getVringBase(m *proto.Msg) error {
+	st, err := proto.DecodeVringState(m)
+	if err != nil {
+		return err
+	}
+	v, err := s.vringIndex(st.Index)
+	if err != nil {
+		return err
+	}
+	s.stop(v)
+	// The ring is now stopped: a restart needs a new SET_VRING_KICK.
+	v.kickSet = false
+	if v.kick >= 0 {
+		unix.Close(v.kick)
+		v.kick = -1
+	}
+	return s.conn.Reply(m.Request, proto.VringState{Index: st.Index, Num: uint32(v.base)}.Encode())
+}
+
+func (s *session) setVringFD(m *proto.Msg) error {
+	val, err := proto.U64(m)
+	if err != nil {
+		return err
+	}
+	if val&^uint64(proto.VringIndexMask|proto.VringNoFDBit) != 0 {
+		return protoErr("%v: unknown bits in %#x", m.Request, val)
+	}
+	v, err := s.vringIndex(uint32(val & proto.VringIndexMask))
+	if err != nil {
+		return err
+	}
+	fd := -1
+	if val&proto.VringNoFDBit == 0 {
+		fd = m.FDs[0]
+		m.FDs[0] = -1 // taken
+	}
+	switch m.Request {
+	case proto.SetVringKick:
+		if v.running() {
+			s.stop(v)
+		}
+		if v.kick >= 0 {
+			unix.Close(v.kick)
+		}
+		v.kick, v.kickSet = fd, true
+		return s.update(v)
+	case proto.SetVringCall:
+		old := v.call
+		v.call = fd
+		// A running queue swaps its call fd on its own reactor; the old fd is
+		// closed only after the swap, so no signal goes to a closed fd.
+		if v.req != nil {
+			v.req.setCall(fd)
+		} else if v.ctrl != nil {
+			v.ctrl.setCall(fd)
+		}
+		if old >= 0 {
+			unix.Close(old)
+		}
+	case proto.SetVringErr:
+		if fd >= 0 {
+			unix.Close(fd) // we never report ring errors through it
+		}
+	}
+	return nil
+}
+
+func (s *session) setVringEnable(m *proto.Msg) error {
+	st, err := proto.DecodeVringState(m)
+	if err != nil {
+		return err
+	}
+	v, err := s.vringIndex(st.Index)
+	if err != nil {
+		return err
+	}
+	if st.Num > 1 {
+		return protoErr("vring %d: SET_VRING_ENABLE %d", st.Index, st.Num)
+	}
+	// Arrives for rings that were never configured too (notes A.7): not an error.
+	v.enabled = st.Num == 1
+	return s.update(v)
+}
+
+func (v *vring) running() bool { return v.req != nil || v.ctrl != nil }
+
+// ready reports whether a ring should be processed: memory, size, addresses
+// and a kick, and enabled (or PROTOCOL_FEATURES not negotiated, in which case
+// rings are enabled when started).
+func (s *session) ready(v *vring) bool {
+	enabled := v.enabled || (s.featuresAcked && s.features&(1<<proto.FProtocolFeatures) == 0)
+	return !s.broken && s.mem != nil && v.num != 0 && v.addrSet && v.kickSet && enabled && v.idx != 1
+}
+
+// update starts or stops v to match ready(v).
+func (s *session) update(v *vring) error {
+	want := s.ready(v)
+	if want == v.running() {
+		return nil
+	}
+	if !want {
+		s.stop(v)
+		return nil
+	}
+	vq, err := virtq.New(s.mem, virtq.Config{
+		Size: v.num, DescUVA: v.addr.Desc, AvailUVA: v.addr.Avail, UsedUVA: v.addr.Used,
+		LastAvail: v.base,
+		EventIdx:  s.features&(1<<proto.FRingEventIdx) != 0,
+		Indirect:  s.features&(1<<proto.FRingIndirectDesc) != 0,
+	})
+	if err != nil {
+		return protoErr("vring %d: %v", v.idx, err)
+	}
+	if v.idx == 0 {
+		v.ctrl = startCtrlQueue(s, v, vq)
+		return nil
+	}
+	q, err := startQueue(s, v, vq)
+	if err != nil {
+		return err
+	}
+	v.req = q
+	s.qmu.Lock()
+	s.live = append(s.live, q)
+	s.qmu.Unlock()
+	return nil
+}
+
+func (s *session) updateAll() error {
+	for i := range s.vrings {
+		if err := s.update(&s.vrings[i]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// stop stops a running ring and records where it stopped.
+func (s *session) stop(v *vring) {
+	switch {
+	case v.req != nil:
+		q := v.req
+		v.base = q.stop()
+		v.req = nil
+		s.qmu.Lock()
+		s.live = slices.DeleteFunc(s.live, func(x *queue) bool { return x == q })
+		s.qmu.Unlock()
+	case v.ctrl != nil:
+		v.base = v.ctrl.stop()
+		v.ctrl = nil
+	}
+}
+
+// stopAll stops every running ring and returns them.
+func (s *session) stopAll() []*vring {
+	var running []*vring
+	for i := range s.vrings {
+		if v := &s.vrings[i]; v.running() {
+			s.stop(v)
+			running = append(running, v)
+		}
+	}
+	return running
+}
+
+// reset handles RESET_DEVICE / RESET_OWNER: rings stopped and forgotten,
+// features cleared; the connection and its ownership stay.
+func (s *session) reset() {
+	s.stopAll()
+	for i := range s.vrings {
+		v := &s.vrings[i]
+		if v.kick >= 0 {
+			unix.Close(v.kick)
+		}
+		// The call fd survives a reset: QEMU 7.2 sets call fds once at device
+		// init, before its RESET_DEVICEs (notes A.0); a missing interrupt hangs
+		// a guest, a spurious one costs nothing.
+		*v = vring{idx: i, kick: -1, call: v.call}
+	}
+	s.features, s.featuresAcked, s.broken = 0, false, false
+}
+
+// teardown releases everything the session holds, after draining.
+func (s *session) teardown() {
+	s.reset()
+	for i := range s.vrings {
+		if v := &s.vrings[i]; v.call >= 0 {
+			unix.Close(v.call)
+			v.call = -1
+		}
+	}
+	if s.mem != nil {
+		s.mem.Close()
+		s.mem = nil
+	}
+}
+
+// inflight counts the requests in flight on the session's running queues,
+// reading each on its own reactor.
+func (s *session) inflight() int {
+	s.qmu.Lock()
+	defer s.qmu.Unlock()
+	n := 0
+	for _, q := range s.live {
+		q.r.Call(func() { n += q.inflight })
+	}
+	return n
+}
+
+// drainRequests waits until nothing is in flight, or the timeout passes.
+func (s *session) drainRequests(timeout time.Duration) bool {
+	deadline := time.Now().Add(timeout)
+	for s.inflight() > 0 {
+		if time.Now().After(deadline) {
+			s.log.Warn("task management: requests still in flight after timeout")
+			return false
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return true
+}

@@ -1,0 +1,142 @@
+package vhost
+
+import (
+	"sync"
+	"sync/atomic"
+)
+
+// LUNCounters count one LUN's commands. Each queue keeps its own copy, written
+// only by the queue's reactor; a scrape sums the copies.
+type LUNCounters struct {
+	Reads, Writes, Flushes, Unmaps uint64
+	ReadBytes, WriteBytes          uint64
+	Errors                         uint64 // commands that ended in CHECK CONDITION or BUSY
+}
+
+func (a *LUNCounters) add(b *LUNCounters) {
+	a.Reads += b.Reads
+	a.Writes += b.Writes
+	a.Flushes += b.Flushes
+	a.Unmaps += b.Unmaps
+	a.ReadBytes += b.ReadBytes
+	a.WriteBytes += b.WriteBytes
+	a.Errors += b.Errors
+}
+
+// QueueCounters count one request queue's work.
+type QueueCounters struct {
+	Requests        uint64 // chains completed
+	Polls           uint64
+	Signals         uint64 // call eventfd writes
+	BadChains       uint64 // malformed descriptor chains, failed individually
+	BadRequests     uint64 // chains too short for the virtio-scsi headers, or bidirectional
+	TransportErrors uint64 // responses other than VIRTIO_SCSI_S_OK (bad target, bad LUN)
+	Broken          uint64 // times the queue was marked broken
+}
+
+func (a *QueueCounters) add(b *QueueCounters) {
+	a.Requests += b.Requests
+	a.Polls += b.Polls
+	a.Signals += b.Signals
+	a.BadChains += b.BadChains
+	a.BadRequests += b.BadRequests
+	a.TransportErrors += b.TransportErrors
+	a.Broken += b.Broken
+}
+
+// ControllerStats gathers the counters of a controller's queues. Live queues
+// are read on their reactors (a message, not shared atomics); a stopped
+// queue's counters are folded into the retired totals.
+type ControllerStats struct {
+	c              *Controller
+	connections    atomic.Uint64
+	protocolErrors atomic.Uint64
+	tmfs           atomic.Uint64
+
+	mu         sync.Mutex
+	live       map[*queue]struct{}
+	retiredLUN []LUNCounters
+	retiredQ   map[int]*QueueCounters // by request queue number
+}
+
+func newControllerStats(c *Controller) *ControllerStats {
+	return &ControllerStats{c: c, live: map[*queue]struct{}{},
+		retiredLUN: make([]LUNCounters, len(c.bdevs)), retiredQ: map[int]*QueueCounters{}}
+}
+
+func (cs *ControllerStats) add(q *queue) {
+	cs.mu.Lock()
+	cs.live[q] = struct{}{}
+	cs.mu.Unlock()
+}
+
+// retire folds a stopped queue's counters in; the queue's reactor no longer runs it.
+func (cs *ControllerStats) retire(q *queue) {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	delete(cs.live, q)
+	for i := range q.lunSt {
+		cs.retiredLUN[i].add(&q.lunSt[i])
+	}
+	cs.qc(q.rq).add(&q.st)
+}
+
+func (cs *ControllerStats) qc(rq int) *QueueCounters {
+	if cs.retiredQ[rq] == nil {
+		cs.retiredQ[rq] = &QueueCounters{}
+	}
+	return cs.retiredQ[rq]
+}
+
+// Snapshot is a consistent-enough view of a controller's counters.
+type Snapshot struct {
+	Connections    uint64
+	ProtocolErrors uint64
+	TMFs           uint64
+	LUNs           []LUNSnapshot
+	Queues         map[int]QueueCounters // by request queue number
+}
+
+// LUNSnapshot is one LUN's summed counters.
+type LUNSnapshot struct {
+	Target uint8
+	LUN    uint16
+	Bdev   string
+	LUNCounters
+}
+
+// Snapshot sums retired and live counters. Live queues are copied on their
+// own reactors, so the reactors never pay for shared cache lines.
+func (cs *ControllerStats) Snapshot() Snapshot {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	luns := make([]LUNCounters, len(cs.retiredLUN))
+	copy(luns, cs.retiredLUN)
+	qs := map[int]QueueCounters{}
+	for rq, c := range cs.retiredQ {
+		qs[rq] = *c
+	}
+	for q := range cs.live {
+		var lc []LUNCounters
+		var qc QueueCounters
+		if q.r.Call(func() { lc = append([]LUNCounters(nil), q.lunSt...); qc = q.st }) != nil {
+			continue
+		}
+		for i := range lc {
+			luns[i].add(&lc[i])
+		}
+		t := qs[q.rq]
+		t.add(&qc)
+		qs[q.rq] = t
+	}
+	snap := Snapshot{Connections: cs.connections.Load(), ProtocolErrors: cs.protocolErrors.Load(), TMFs: cs.tmfs.Load(), Queues: qs}
+	for _, t := range cs.c.targets {
+		if t == nil {
+			continue
+		}
+		for _, ref := range t.luns {
+			snap.LUNs = append(snap.LUNs, LUNSnapshot{Target: t.id, LUN: ref.id, Bdev: ref.bdev.Info().Name, LUNCounters: luns[ref.idx]})
+		}
+	}
+	return snap
+}
