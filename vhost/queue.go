@@ -444,4 +444,3 @@ func skip(dst [][]byte, segs [][]byte, off uint32) [][]byte {
 	}
 	return dst
 }
-

@@ -77,7 +77,9 @@ func (e *env) close() {
 	}
 }
 
-func lun(t uint8, l uint16, b bdev.Bdev) vhost.LUNSpec { return vhost.LUNSpec{Target: t, LUN: l, Bdev: b} }
+func lun(t uint8, l uint16, b bdev.Bdev) vhost.LUNSpec {
+	return vhost.LUNSpec{Target: t, LUN: l, Bdev: b}
+}
 
 func rw10(op byte, lba uint32, blocks uint16) []byte {
 	c := make([]byte, 10)
