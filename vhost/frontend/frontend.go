@@ -1,0 +1,718 @@
+// Package frontend is the VMM side of vhost-user-scsi: it plays QEMU 7.2
+// against a vhost-user-scsi socket so tests, fuzzers and the load generator
+// can drive the target without a VM. It shares no code with the target's
+// rings (vhost/virtq) on purpose: the driver-side split ring here is a second,
+// independent reading of the virtio spec.
+//
+// Guest memory is one or two memfds mapped MAP_SHARED; descriptors carry
+// guest physical addresses (GPA 0 upward) while SET_VRING_ADDR carries this
+// process's virtual addresses, so a target that mixes the two fails loudly.
+package frontend
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"vhost-target/vhost/proto"
+)
+
+// Virtio-scsi vring indexes.
+const (
+	ControlVring = 0
+	EventVring   = 1
+	firstRequest = 2
+)
+
+// Options configure a front-end. Zero values pick the defaults noted.
+type Options struct {
+	NumQueues  int    // request queues; vrings = 2 + NumQueues (default 1)
+	QueueSize  uint16 // power of two (default 128)
+	MemSize    uint64 // guest RAM bytes (default: 64 MiB, doubled until the layout fits)
+	Regions    int    // 1 (default) or 2 memfds at GPA 0 and MemSize/2
+	MmapOffset uint64 // guest bytes start this far into each memfd (exercises mmap_offset)
+	HugePages  bool   // MFD_HUGETLB memfds (sizes must be 2 MiB multiples)
+
+	NoEventIdx         bool // do not ack VIRTIO_RING_F_EVENT_IDX even if offered
+	NoIndirect         bool // do not ack VIRTIO_RING_F_INDIRECT_DESC even if offered
+	NoProtocolFeatures bool // do not ack VHOST_USER_F_PROTOCOL_FEATURES
+	// AckFeatures, if set, picks the SET_FEATURES value from the offered
+	// bits, overriding the default (VERSION_1, PROTOCOL_FEATURES, INDIRECT,
+	// EVENT_IDX, HOTPLUG, CHANGE where offered and not disabled above).
+	// It may return bits never offered, as QEMU 7.2 does (notes A.5).
+	AckFeatures func(offered uint64) uint64
+	// ProtocolMask limits the protocol features acked (default MQ,
+	// REPLY_ACK, RESET_DEVICE); QEMU acks whatever it knows of the offer.
+	ProtocolMask      uint64
+	NeedReplyAll      bool // with REPLY_ACK, ask for an ack on every message that has no reply body
+	SkipControlQueues bool // like SeaBIOS: configure only the request queues
+
+	Timeout      time.Duration // per synchronous operation (default 10 s)
+	Slots        int           // async slots per request queue (default QueueSize)
+	SlotDataSize int           // data buffer per slot (default 64 KiB)
+	ScratchSize  int           // Do buffer arena per request queue (default 2 MiB)
+	EventBuffers int           // event-queue buffers kept posted (default 8)
+	VringBase    uint16        // first avail/used index (tests wrap-around)
+}
+
+const defaultProtocolMask = 1<<proto.PFMQ | 1<<proto.PFReplyAck | 1<<proto.PFResetDevice
+
+func (o *Options) fill() error {
+	if o.NumQueues == 0 {
+		o.NumQueues = 1
+	}
+	if o.QueueSize == 0 {
+		o.QueueSize = 128
+	}
+	if o.Regions == 0 {
+		o.Regions = 1
+	}
+	if o.ProtocolMask == 0 {
+		o.ProtocolMask = defaultProtocolMask
+	}
+	if o.Timeout == 0 {
+		o.Timeout = 10 * time.Second
+	}
+	if o.Slots == 0 {
+		o.Slots = int(o.QueueSize)
+	}
+	if o.SlotDataSize == 0 {
+		o.SlotDataSize = 64 << 10
+	}
+	if o.ScratchSize == 0 {
+		o.ScratchSize = 2 << 20
+	}
+	if o.EventBuffers == 0 {
+		o.EventBuffers = 8
+	}
+	switch {
+	case o.NumQueues < 1 || o.NumQueues > 254:
+		return fmt.Errorf("frontend: %d request queues", o.NumQueues)
+	case o.QueueSize&(o.QueueSize-1) != 0 || o.QueueSize > proto.MaxQueueSizeSplitRing:
+		return fmt.Errorf("frontend: queue size %d is not a power of two <= 32768", o.QueueSize)
+	case o.Regions != 1 && o.Regions != 2:
+		return fmt.Errorf("frontend: %d regions (want 1 or 2)", o.Regions)
+	case o.Slots < 0 || o.SlotDataSize < 0 || o.ScratchSize < 0 || o.EventBuffers > int(o.QueueSize):
+		return fmt.Errorf("frontend: bad slot/scratch/event sizes")
+	}
+	return nil
+}
+
+// Device is one front-end connection with its guest memory and vrings.
+type Device struct {
+	o        Options
+	conn     *proto.Conn
+	mem      *memory
+	vrings   []*Queue
+	eventGPA uint64
+
+	offered, features uint64
+	offeredPF, pf     uint64
+	queueNum          uint64
+	tag               atomic.Uint64
+	closed            bool
+}
+
+// NewUnstarted connects and builds guest memory and rings but sends nothing:
+// tests drive the start sequence step by step (Negotiate, SetFeatures,
+// SetMemTable, StartRing, EnableRings, PostEvents) or send their own messages.
+func NewUnstarted(socket string, o Options) (*Device, error) {
+	if err := o.fill(); err != nil {
+		return nil, err
+	}
+	d := &Device{o: o}
+	if err := d.layout(); err != nil {
+		return nil, err
+	}
+	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: socket, Net: "unix"})
+	if err != nil {
+		d.release()
+		return nil, fmt.Errorf("frontend: connect %s: %w", socket, err)
+	}
+	d.conn = proto.NewConn(c)
+	return d, nil
+}
+
+// Dial connects and runs the QEMU 7.2 start sequence (notes A.0).
+func Dial(socket string, o Options) (*Device, error) {
+	d, err := NewUnstarted(socket, o)
+	if err != nil {
+		return nil, err
+	}
+	if err := d.Negotiate(); err != nil {
+		d.Abort()
+		return nil, err
+	}
+	if err := d.Start(); err != nil {
+		d.Abort()
+		return nil, err
+	}
+	return d, nil
+}
+
+// layout sizes guest memory and places rings, slots and scratch in it.
+func (d *Device) layout() error {
+	o := &d.o
+	size := o.MemSize
+	auto := size == 0
+	if auto {
+		size = 64 << 20
+	}
+	for {
+		err := d.place(size)
+		if err == nil {
+			break
+		}
+		if !auto || !errors.Is(err, errNoFit) || size >= 64<<30 {
+			return fmt.Errorf("frontend: layout in %d bytes: %w", size, err)
+		}
+		size *= 2
+	}
+	o.MemSize = size
+	mem, err := newMemory(size, o.Regions, o.MmapOffset, o.HugePages)
+	if err != nil {
+		return err
+	}
+	d.mem = mem
+	for _, q := range d.vrings {
+		q.setup(mem)
+		for i := range q.slots {
+			s := &q.slots[i]
+			s.req = mem.slice(s.reqGPA, ReqSize)
+			s.resp = mem.slice(s.respGPA, RespSize)
+			s.ind = mem.slice(s.indGPA, 4*descSize)
+			s.Data = mem.slice(s.DataGPA, o.SlotDataSize)
+		}
+		q.resetState()
+	}
+	return nil
+}
+
+// place assigns GPAs for everything; it touches no memory.
+func (d *Device) place(size uint64) error {
+	o := &d.o
+	a := newAllocator(size, o.Regions)
+	n := o.QueueSize
+	d.vrings = make([]*Queue, firstRequest+o.NumQueues)
+	for i := range d.vrings {
+		q := &Queue{d: d, index: i, size: n, base: o.VringBase}
+		var err error
+		if q.descGPA, err = a.alloc(descTableSize(n), 16); err != nil {
+			return err
+		}
+		if q.availGPA, err = a.alloc(availRingSize(n), 4); err != nil {
+			return err
+		}
+		if q.usedGPA, err = a.alloc(usedRingSize(n), 4); err != nil {
+			return err
+		}
+		scratch := uint64(o.ScratchSize)
+		if i < firstRequest {
+			scratch = 64 << 10
+		}
+		if q.scratchGPA, err = a.alloc(scratch, 4096); err != nil {
+			return err
+		}
+		q.scratchLen = scratch
+		if i >= firstRequest {
+			q.slots = make([]Slot, o.Slots)
+			for k := range q.slots {
+				s := &q.slots[k]
+				s.ID, s.q = k, q
+				if s.reqGPA, err = a.alloc(64, 16); err != nil {
+					return err
+				}
+				if s.respGPA, err = a.alloc(RespSize, 16); err != nil {
+					return err
+				}
+				if s.indGPA, err = a.alloc(4*descSize, 16); err != nil {
+					return err
+				}
+				if s.DataGPA, err = a.alloc(uint64(o.SlotDataSize), 4096); err != nil {
+					return err
+				}
+			}
+		}
+		d.vrings[i] = q
+	}
+	var err error
+	d.eventGPA, err = a.alloc(uint64(o.EventBuffers*EventSize), 16)
+	return err
+}
+
+// Options returns the options in effect (defaults filled in).
+func (d *Device) Options() Options { return d.o }
+
+// Features returns the virtio features acked with SET_FEATURES.
+func (d *Device) Features() uint64 { return d.features }
+
+// OfferedFeatures returns GET_FEATURES' answer.
+func (d *Device) OfferedFeatures() uint64 { return d.offered }
+
+// ProtocolFeatures returns the protocol features acked (0 without
+// PROTOCOL_FEATURES).
+func (d *Device) ProtocolFeatures() uint64 { return d.pf }
+
+// OfferedProtocolFeatures returns GET_PROTOCOL_FEATURES' answer.
+func (d *Device) OfferedProtocolFeatures() uint64 { return d.offeredPF }
+
+// QueueNum returns GET_QUEUE_NUM's answer (0 if not asked).
+func (d *Device) QueueNum() uint64 { return d.queueNum }
+
+// Conn returns the vhost-user connection for raw or malformed messages.
+func (d *Device) Conn() *proto.Conn { return d.conn }
+
+// Queue returns request queue i (vring 2+i).
+func (d *Device) Queue(i int) *Queue { return d.vrings[firstRequest+i] }
+
+// Vring returns any vring by index (0 control, 1 event, 2.. requests).
+func (d *Device) Vring(i int) *Queue { return d.vrings[i] }
+
+// NumVrings returns 2 + NumQueues.
+func (d *Device) NumVrings() int { return len(d.vrings) }
+
+// Mem returns n guest bytes at gpa, or nil if they are not inside one region.
+func (d *Device) Mem(gpa uint64, n int) []byte { return d.mem.slice(gpa, n) }
+
+// WriteGuest and ReadGuest copy guest memory, crossing region boundaries.
+func (d *Device) WriteGuest(gpa uint64, b []byte) error { return d.mem.copyIn(gpa, b) }
+func (d *Device) ReadGuest(gpa uint64, b []byte) error  { return d.mem.copyOut(gpa, b) }
+
+// MemTable returns the regions sent with SET_MEM_TABLE.
+func (d *Device) MemTable() []proto.MemRegion { return d.mem.table() }
+
+// MemFDs returns the memfds backing the regions (owned by the Device).
+func (d *Device) MemFDs() []int { return d.mem.fds() }
+
+// UVA translates a guest physical address to this process's virtual address.
+func (d *Device) UVA(gpa uint64) (uint64, bool) { return d.mem.uva(gpa) }
+
+func (d *Device) hasPF(bit uint) bool { return d.pf&(1<<bit) != 0 }
+
+// Send sends one message as is (no reply awaited).
+func (d *Device) Send(req proto.Request, flags uint32, payload []byte, fds ...int) error {
+	if err := d.conn.Send(req, flags, payload, fds...); err != nil {
+		return fmt.Errorf("frontend: send %v: %w", req, err)
+	}
+	return nil
+}
+
+// Recv reads one message from the target, waiting at most Options.Timeout.
+func (d *Device) Recv() (*proto.Msg, error) {
+	uc := d.conn.UnixConn()
+	uc.SetReadDeadline(time.Now().Add(d.o.Timeout))
+	defer uc.SetReadDeadline(time.Time{})
+	m, err := d.conn.Recv()
+	if err != nil {
+		return nil, fmt.Errorf("frontend: receive: %w", err)
+	}
+	return m, nil
+}
+
+// recvReply reads the reply to req and checks its header.
+func (d *Device) recvReply(req proto.Request) (*proto.Msg, error) {
+	m, err := d.Recv()
+	if err != nil {
+		return nil, fmt.Errorf("%w (awaiting %v reply)", err, req)
+	}
+	m.CloseFDs()
+	if m.Request != req || m.Flags&proto.FlagReply == 0 {
+		return nil, fmt.Errorf("frontend: got %v flags %#x while awaiting %v reply", m.Request, m.Flags, req)
+	}
+	return m, nil
+}
+
+// Call sends req and returns its reply (GET_* messages).
+func (d *Device) Call(req proto.Request, payload []byte, fds ...int) (*proto.Msg, error) {
+	if err := d.Send(req, proto.FlagVersion, payload, fds...); err != nil {
+		return nil, err
+	}
+	return d.recvReply(req)
+}
+
+func (d *Device) callU64(req proto.Request) (uint64, error) {
+	m, err := d.Call(req, nil)
+	if err != nil {
+		return 0, err
+	}
+	v, err := proto.U64(m)
+	if err != nil {
+		return 0, fmt.Errorf("frontend: %v reply: %w", req, err)
+	}
+	return v, nil
+}
+
+// Message sends a message without a reply body. With REPLY_ACK negotiated
+// and wantAck (or Options.NeedReplyAll) it sets NEED_REPLY and requires the
+// ack to be u64 0.
+func (d *Device) Message(req proto.Request, wantAck bool, payload []byte, fds ...int) error {
+	ack := (wantAck || d.o.NeedReplyAll) && d.hasPF(proto.PFReplyAck)
+	flags := uint32(proto.FlagVersion)
+	if ack {
+		flags |= proto.FlagNeedReply
+	}
+	if err := d.Send(req, flags, payload, fds...); err != nil {
+		return err
+	}
+	if !ack {
+		return nil
+	}
+	m, err := d.recvReply(req)
+	if err != nil {
+		return err
+	}
+	v, err := proto.U64(m)
+	if err != nil {
+		return fmt.Errorf("frontend: %v ack: %w", req, err)
+	}
+	if v != 0 {
+		return fmt.Errorf("frontend: %v refused: ack %d", req, v)
+	}
+	return nil
+}
+
+func newEventFD() (int, error) {
+	fd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	if err != nil {
+		return -1, fmt.Errorf("frontend: eventfd: %w", err)
+	}
+	return fd, nil
+}
+
+// Negotiate runs the connection-time part of the QEMU sequence: GET_FEATURES,
+// GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM (with MQ), SET_OWNER, and
+// SET_VRING_CALL + SET_VRING_ERR for every vring.
+func (d *Device) Negotiate() error {
+	var err error
+	if d.offered, err = d.callU64(proto.GetFeatures); err != nil {
+		return err
+	}
+	if d.offered&(1<<proto.FProtocolFeatures) != 0 && !d.o.NoProtocolFeatures {
+		if d.offeredPF, err = d.callU64(proto.GetProtocolFeatures); err != nil {
+			return err
+		}
+		d.pf = d.offeredPF & d.o.ProtocolMask
+		if err := d.Message(proto.SetProtocolFeatures, false, proto.PutU64(d.pf)); err != nil {
+			return err
+		}
+	}
+	if d.hasPF(proto.PFMQ) {
+		if d.queueNum, err = d.callU64(proto.GetQueueNum); err != nil {
+			return err
+		}
+		if d.queueNum < uint64(d.o.NumQueues) {
+			return fmt.Errorf("frontend: target supports %d queues, %d request queues wanted", d.queueNum, d.o.NumQueues)
+		}
+	}
+	if err := d.Message(proto.SetOwner, false, nil); err != nil {
+		return err
+	}
+	for i := range d.vrings {
+		if err := d.SetVringCall(i); err != nil {
+			return err
+		}
+		efd, err := newEventFD()
+		if err != nil {
+			return err
+		}
+		err = d.Message(proto.SetVringErr, false, proto.PutU64(uint64(i)), efd)
+		unix.Close(efd)
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// chooseFeatures is the default feature ack.
+func (d *Device) chooseFeatures() uint64 {
+	if d.o.AckFeatures != nil {
+		return d.o.AckFeatures(d.offered)
+	}
+	want := uint64(1)<<proto.FVersion1 | 1<<proto.FVirtioSCSIHotplug | 1<<proto.FVirtioSCSIChange
+	if !d.o.NoProtocolFeatures {
+		want |= 1 << proto.FProtocolFeatures
+	}
+	if !d.o.NoIndirect {
+		want |= 1 << proto.FRingIndirectDesc
+	}
+	if !d.o.NoEventIdx {
+		want |= 1 << proto.FRingEventIdx
+	}
+	return d.offered & want
+}
+
+// Start runs the DRIVER_OK part of the sequence: SET_FEATURES, SET_MEM_TABLE,
+// each ring's NUM/BASE/ADDR/KICK, SET_VRING_ENABLE 1 for every vring, a call
+// fd swap (QEMU moves to irqfds while rings run), then posts event buffers.
+func (d *Device) Start() error {
+	if err := d.SetFeatures(d.chooseFeatures()); err != nil {
+		return err
+	}
+	if err := d.SetMemTable(); err != nil {
+		return err
+	}
+	for i := range d.vrings {
+		if d.o.SkipControlQueues && i < firstRequest {
+			continue
+		}
+		if err := d.StartRing(i); err != nil {
+			return err
+		}
+	}
+	if err := d.EnableRings(true); err != nil {
+		return err
+	}
+	for i := range d.vrings {
+		if err := d.SetVringCall(i); err != nil {
+			return err
+		}
+	}
+	if d.vrings[EventVring].started {
+		return d.PostEvents()
+	}
+	return nil
+}
+
+// SetFeatures sends SET_FEATURES and configures the rings for the acked
+// ring features. The driver requires VERSION_1 (SeaBIOS and Linux do).
+func (d *Device) SetFeatures(f uint64) error {
+	if f&(1<<proto.FVersion1) == 0 {
+		return fmt.Errorf("frontend: features %#x lack VERSION_1 (offered %#x)", f, d.offered)
+	}
+	d.features = f
+	for _, q := range d.vrings {
+		q.eventIdx = f&(1<<proto.FRingEventIdx) != 0
+		q.indirect = f&(1<<proto.FRingIndirectDesc) != 0
+	}
+	return d.Message(proto.SetFeatures, false, proto.PutU64(f))
+}
+
+// SetMemTable sends the memory table with the memfds, NEED_REPLY when
+// REPLY_ACK is negotiated (as QEMU does).
+func (d *Device) SetMemTable() error {
+	return d.Message(proto.SetMemTable, true, proto.EncodeMemTable(d.mem.table()), d.mem.fds()...)
+}
+
+// SetVringNum, SetVringBase, SetVringAddr, SetVringKick and SetVringCall send
+// one ring message each with this front-end's values.
+func (d *Device) SetVringNum(i int) error {
+	return d.Message(proto.SetVringNum, false, proto.VringState{Index: uint32(i), Num: uint32(d.vrings[i].size)}.Encode())
+}
+
+func (d *Device) SetVringBase(i int) error {
+	return d.Message(proto.SetVringBase, false, proto.VringState{Index: uint32(i), Num: uint32(d.vrings[i].base)}.Encode())
+}
+
+// VringAddr returns the SET_VRING_ADDR payload for vring i: UVAs of the
+// three rings and, like QEMU, the used ring's GPA as the log address.
+func (d *Device) VringAddr(i int) proto.VringAddr {
+	q := d.vrings[i]
+	desc, _ := d.mem.uva(q.descGPA)
+	avail, _ := d.mem.uva(q.availGPA)
+	used, _ := d.mem.uva(q.usedGPA)
+	return proto.VringAddr{Index: uint32(i), Desc: desc, Avail: avail, Used: used, Log: q.usedGPA}
+}
+
+func (d *Device) SetVringAddr(i int) error {
+	return d.Message(proto.SetVringAddr, false, d.VringAddr(i).Encode())
+}
+
+func (d *Device) SetVringKick(i int) error {
+	q := d.vrings[i]
+	if q.kickFD < 0 {
+		fd, err := newEventFD()
+		if err != nil {
+			return err
+		}
+		q.kickFD = fd
+	}
+	return d.Message(proto.SetVringKick, false, proto.PutU64(uint64(i)), q.kickFD)
+}
+
+// SetVringCall sends a fresh call eventfd for vring i and closes the old one.
+func (d *Device) SetVringCall(i int) error {
+	q := d.vrings[i]
+	fd, err := newEventFD()
+	if err != nil {
+		return err
+	}
+	if err := d.Message(proto.SetVringCall, false, proto.PutU64(uint64(i)), fd); err != nil {
+		unix.Close(fd)
+		return err
+	}
+	if q.callFD >= 0 {
+		unix.Close(q.callFD)
+	}
+	q.callFD = fd
+	return nil
+}
+
+// SetVringEnable sends SET_VRING_ENABLE for vring i.
+func (d *Device) SetVringEnable(i int, on bool) error {
+	v := uint32(0)
+	if on {
+		v = 1
+	}
+	return d.Message(proto.SetVringEnable, false, proto.VringState{Index: uint32(i), Num: v}.Encode())
+}
+
+// GetVringBase stops vring i and returns the target's next avail index.
+func (d *Device) GetVringBase(i int) (uint32, error) {
+	m, err := d.Call(proto.GetVringBase, proto.VringState{Index: uint32(i)}.Encode())
+	if err != nil {
+		return 0, err
+	}
+	s, err := proto.DecodeVringState(m)
+	if err != nil {
+		return 0, fmt.Errorf("frontend: GET_VRING_BASE reply: %w", err)
+	}
+	if s.Index != uint32(i) {
+		return 0, fmt.Errorf("frontend: GET_VRING_BASE %d answered for vring %d", i, s.Index)
+	}
+	return s.Num, nil
+}
+
+// StartRing sends NUM, BASE, ADDR and KICK for vring i.
+func (d *Device) StartRing(i int) error {
+	if err := d.SetVringNum(i); err != nil {
+		return err
+	}
+	if err := d.SetVringBase(i); err != nil {
+		return err
+	}
+	if err := d.SetVringAddr(i); err != nil {
+		return err
+	}
+	if err := d.SetVringKick(i); err != nil {
+		return err
+	}
+	d.vrings[i].started = true
+	return nil
+}
+
+// EnableRings sends SET_VRING_ENABLE for every vring, configured or not (as
+// QEMU does); nothing without PROTOCOL_FEATURES (rings are then enabled by
+// SET_FEATURES).
+func (d *Device) EnableRings(on bool) error {
+	if d.features&(1<<proto.FProtocolFeatures) == 0 {
+		return nil
+	}
+	for i := range d.vrings {
+		if err := d.SetVringEnable(i, on); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// stop disables every vring and stops the started ones with GET_VRING_BASE,
+// checking each answer against what this front-end made available and that
+// the target completed every non-raw request first (notes A.4).
+func (d *Device) stop() error {
+	var errs []error
+	if err := d.EnableRings(false); err != nil {
+		return err
+	}
+	for i, q := range d.vrings {
+		if !q.started {
+			continue
+		}
+		base, err := d.GetVringBase(i)
+		if err != nil {
+			return err
+		}
+		q.started = false
+		if base != uint32(q.published) {
+			errs = append(errs, fmt.Errorf("frontend: vring %d: GET_VRING_BASE says %d, front-end made %d available",
+				i, base, q.published))
+		}
+		q.mu.Lock()
+		q.poll(nil)
+		lost := 0
+		for _, h := range q.heads {
+			if h.kind != headFree && h.kind != headRaw && h.kind != headEvent && h.kind != headAbandoned {
+				lost++
+			}
+		}
+		q.mu.Unlock()
+		if lost > 0 {
+			errs = append(errs, fmt.Errorf("frontend: vring %d: %d requests not completed before GET_VRING_BASE", i, lost))
+		}
+		q.base = uint16(base)
+	}
+	return errors.Join(errs...)
+}
+
+// Close stops every started ring with GET_VRING_BASE (after SET_VRING_ENABLE
+// 0, as QEMU stops a device), closes the socket and unmaps guest memory. It
+// reports a GET_VRING_BASE answer that differs from the avail index made
+// available, and requests the target dropped.
+func (d *Device) Close() error {
+	if d.closed {
+		return nil
+	}
+	err := d.stop()
+	d.release()
+	return err
+}
+
+// Abort closes the socket abruptly, like a killed VMM, and unmaps memory.
+func (d *Device) Abort() { d.release() }
+
+func (d *Device) release() {
+	if d.closed {
+		return
+	}
+	d.closed = true
+	if d.conn != nil {
+		d.conn.Close()
+	}
+	for _, q := range d.vrings {
+		if q.kickFD >= 0 {
+			unix.Close(q.kickFD)
+			q.kickFD = -1
+		}
+		if q.callFD >= 0 {
+			unix.Close(q.callFD)
+			q.callFD = -1
+		}
+		q.started = false
+	}
+	if d.mem != nil {
+		d.mem.free()
+	}
+}
+
+// Reset is the guest-reset cycle: SET_VRING_ENABLE 0 for all, GET_VRING_BASE
+// for started rings, RESET_DEVICE (if negotiated), then the DRIVER_OK part of
+// the start sequence again on the same connection with rings back at base 0
+// (Options.VringBase). Every slot returns to its pool.
+func (d *Device) Reset() error {
+	if err := d.stop(); err != nil {
+		return err
+	}
+	if d.hasPF(proto.PFResetDevice) {
+		if err := d.Message(proto.ResetDevice, false, nil); err != nil {
+			return err
+		}
+	}
+	for _, q := range d.vrings {
+		q.mu.Lock()
+		q.base = d.o.VringBase
+		q.resetState()
+		q.mu.Unlock()
+	}
+	return d.Start()
+}
+
+// nextTag returns a fresh request tag.
+func (d *Device) nextTag() uint64 { return d.tag.Add(1) }
+
+// putLE32 is a helper for the decoders in scsi.go.
+func le32(b []byte) uint32 { return binary.LittleEndian.Uint32(b) }
