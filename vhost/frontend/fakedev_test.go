@@ -28,6 +28,7 @@ type fakeRing struct {
 
 	lastAvail, usedIdx uint16
 	err                error
+	events             [][]byte // event-queue payloads waiting for a buffer
 }
 
 func (r *fakeRing) word(b []byte, off int) *uint32 { return (*uint32)(unsafe.Pointer(&b[off])) }
@@ -37,25 +38,30 @@ func (r *fakeRing) availFlags() uint16 {
 	return uint16(atomic.LoadUint32(r.word(r.avail, 0)))
 }
 
-// process handles every available chain; it returns how many.
+// process handles every available chain (on the event queue: one chain per
+// queued event); it returns how many.
 func (r *fakeRing) process() int {
 	if r.err != nil {
 		return 0
 	}
-	n := 0
+	total := 0
 	for {
-		ai := r.availIdx()
-		if ai == r.lastAvail {
-			break
-		}
-		for r.lastAvail != ai {
+		n := 0
+		for ai := r.availIdx(); r.lastAvail != ai; {
+			if r.vring == EventVring && len(r.events) == 0 {
+				break
+			}
 			head := binary.LittleEndian.Uint16(r.avail[4+2*int(r.lastAvail%r.size):])
 			r.lastAvail++
 			rd, wr, err := r.walk(head)
 			var ln uint32
-			if err != nil {
+			switch {
+			case err != nil:
 				r.err = err
-			} else {
+			case r.vring == EventVring:
+				ln = uint32(scatter(wr, 0, r.events[0]))
+				r.events = r.events[1:]
+			default:
 				ln = r.handle(r.vring, rd, wr)
 			}
 			e := r.used[4+8*int(r.usedIdx%r.size):]
@@ -64,6 +70,10 @@ func (r *fakeRing) process() int {
 			r.usedIdx++
 			n++
 		}
+		if n == 0 {
+			return total
+		}
+		total += n
 		flags := uint32(0)
 		if r.noNotify {
 			flags = UsedFNoNotify
@@ -75,7 +85,6 @@ func (r *fakeRing) process() int {
 		}
 		r.signal(old)
 	}
-	return n
 }
 
 func (r *fakeRing) signal(old uint16) {
@@ -185,7 +194,7 @@ func scatter(bufs [][]byte, off int, src []byte) int {
 //     byte(i) ^ cdb[3], resid = cdb[4], sense = data-out echoed (sense_len =
 //     len(data-out)); used len = 108 + data-in written.
 //   - control queue: response byte = 0x80 | subtype, used len 1.
-//   - event queue: never completes on its own (see fakeRing.injectEvent).
+//   - event queue: completes a buffer only for a queued event (fakeRing.events).
 func fakeSCSI(vring int, rd, wr [][]byte) uint32 {
 	in := flatten(rd)
 	switch vring {
