@@ -57,7 +57,10 @@ func startTarget(t *testing.T, text string) (*target, *config.Config, *strings.B
 
 type testWriter struct{ t *testing.T }
 
-func (w testWriter) Write(b []byte) (int, error) { w.t.Log(strings.TrimRight(string(b), "\n")); return len(b), nil }
+func (w testWriter) Write(b []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(b), "\n"))
+	return len(b), nil
+}
 
 // runGuest boots a guest with the controllers' sockets and fails the test on
 // a non-zero script status, printing the console.
@@ -133,4 +136,3 @@ echo fio-ok
 	})
 	t.Log(res.Console)
 }
-
