@@ -90,7 +90,8 @@ type command struct {
 	dir    Dir // DirNone for commands without data or where it is optional
 	// usage is the CDB USAGE DATA of REPORT SUPPORTED OPERATION CODES: bit
 	// set = the field is evaluated. len(usage) is the CDB length; usage[0]
-	// is the opcode (SPC-4 6.35.3).
+	// is the opcode and, for commands with service actions, the SERVICE
+	// ACTION field holds the service action (SPC-4 6.35.4).
 	usage []byte
 	run   func(l *LUN, c *Cmd) Action
 }
@@ -152,13 +153,13 @@ func init() {
 			usage: []byte{0xFF, 0xF9, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x00, 0x00},
 			run:   runWriteSame16},
 		{name: "READ CAPACITY(16)", opcode: opServiceActionIn16, sa: saReadCapacity16, flags: flagSA, dir: DirIn,
-			usage: []byte{0xFF, 0x1F, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xFF, 0xFF, 0xFF, 0xFF, 0x00, 0x00},
+			usage: []byte{0xFF, saReadCapacity16, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xFF, 0xFF, 0xFF, 0xFF, 0x00, 0x00},
 			run:   runReadCapacity16},
 		{name: "REPORT LUNS", opcode: opReportLUNs, dir: DirIn,
 			usage: []byte{0xFF, 0x00, 0xFF, 0x00, 0x00, 0x00, 0xFF, 0xFF, 0xFF, 0xFF, 0x00, 0x00}, run: runReportLUNs},
 		{name: "REPORT SUPPORTED OPERATION CODES", opcode: opMaintenanceIn, sa: saReportSupportedOpsIn,
 			flags: flagSA, dir: DirIn,
-			usage: []byte{0xFF, 0x1F, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x00, 0x00},
+			usage: []byte{0xFF, saReportSupportedOpsIn, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x00, 0x00},
 			run:   runReportSupportedOpcodes},
 		{name: "READ(12)", opcode: opRead12, dir: DirIn, usage: usageRW12, run: runRead12},
 		{name: "WRITE(12)", opcode: opWrite12, dir: DirOut, flags: flagWrite, usage: usageRW12, run: runWrite12},
@@ -171,7 +172,8 @@ func init() {
 				panic("scsi: command table not sorted: " + e.name)
 			}
 		}
-		if len(e.usage) != cdbLength(e.opcode) || e.usage[0] != 0xFF {
+		if len(e.usage) != cdbLength(e.opcode) || e.usage[0] != 0xFF ||
+			(e.flags&flagSA != 0 && e.usage[1] != e.sa) {
 			panic("scsi: bad CDB usage bitmap: " + e.name)
 		}
 		if commandIndex[e.opcode] == 0 {

@@ -42,7 +42,11 @@ func TestUnmap(t *testing.T) {
 		if a := run(l, c, cdb...); a != ActionIO || c.IO.Op != bdev.OpUnmap || c.IO.NRanges != 3 {
 			t.Fatalf("action %d op %v ranges %d sense % x", a, c.IO.Op, c.IO.NRanges, c.Sense)
 		}
-		want := []bdev.Range{{0, uint64(bs)}, {999 * uint64(bs), uint64(bs)}, {10 * uint64(bs), 490 * uint64(bs)}}
+		want := []bdev.Range{
+			{Offset: 0, Len: uint64(bs)},
+			{Offset: 999 * uint64(bs), Len: uint64(bs)},
+			{Offset: 10 * uint64(bs), Len: 490 * uint64(bs)},
+		}
 		for i, r := range want {
 			if c.IO.Ranges[i] != r {
 				t.Fatalf("range %d: %+v, want %+v", i, c.IO.Ranges[i], r)
