@@ -723,5 +723,5 @@ func (d *Device) Reset() error {
 // nextTag returns a fresh request tag.
 func (d *Device) nextTag() uint64 { return d.tag.Add(1) }
 
-// putLE32 is a helper for the decoders in scsi.go.
+// le32 decodes a little-endian u32 from guest bytes.
 func le32(b []byte) uint32 { return binary.LittleEndian.Uint32(b) }
