@@ -92,6 +92,9 @@ type Cmd struct {
 // begin clears the results of the previous command on this slot. IO.Done and
 // IO.Priv belong to the transport and the bdev and are left alone.
 func (c *Cmd) begin() {
+	if len(c.Buf) < ScratchSize {
+		panic("scsi: Cmd.Buf is shorter than ScratchSize")
+	}
 	c.Status = StatusGood
 	c.SenseLen = 0
 	c.Resid = 0

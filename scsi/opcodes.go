@@ -7,6 +7,7 @@ const (
 	rsocAll     = 0 // every command
 	rsocOpcode  = 1 // one opcode without service actions
 	rsocOpcodSA = 2 // one opcode and service action
+	rsocAny     = 3 // one opcode, with a service action if it has them (SPC-5)
 )
 
 const (
@@ -40,6 +41,12 @@ func runReportSupportedOpcodes(l *LUN, c *Cmd) Action {
 			// actions, option 2 one with them. An opcode we do not support
 			// is answered "not supported" under either option.
 			return c.invalidField()
+		}
+		return c.sendData(oneCommand(c.Buf, e, rctd), alloc)
+	case rsocAny:
+		e, _, hasSA := l.findCommand(opcode, sa)
+		if !hasSA && sa != 0 {
+			e = nil // SPC-5 6.36.2: a service action for an opcode without them is not supported
 		}
 		return c.sendData(oneCommand(c.Buf, e, rctd), alloc)
 	}

@@ -88,7 +88,7 @@ func TestReportSupportedOpcodesMatchesExecute(t *testing.T) {
 			}
 			// One-command forms agree with the list.
 			if len(es) == 0 {
-				for _, option := range []byte{1, 2} {
+				for _, option := range []byte{1, 2, 3} {
 					d := exec(t, l, 64, rsocCDB(option, false, byte(op), 0, 64)...)
 					if !bytes.Equal(d, []byte{0, supportNo, 0, 0}) {
 						t.Fatalf("opcode %#x option %d: % x", op, option, d)
@@ -103,6 +103,12 @@ func TestReportSupportedOpcodesMatchesExecute(t *testing.T) {
 					!bytes.Equal(d[4:], e.usage) {
 					t.Fatalf("opcode %#x option 1: % x", op, d)
 				}
+				if d3 := exec(t, l, 64, rsocCDB(3, false, byte(op), 0, 64)...); !bytes.Equal(d3, d) {
+					t.Fatalf("opcode %#x option 3: % x", op, d3)
+				}
+				if d3 := exec(t, l, 64, rsocCDB(3, false, byte(op), 1, 64)...); d3[1] != supportNo {
+					t.Fatalf("opcode %#x option 3 with a service action: % x", op, d3)
+				}
 				c := newCmd(DirIn, 64, 0)
 				expectCheck(t, c, run(l, c, rsocCDB(2, false, byte(op), 0, 64)...), keyIllegalRequest, ascInvalidFieldInCDB)
 				continue
@@ -115,6 +121,9 @@ func TestReportSupportedOpcodesMatchesExecute(t *testing.T) {
 					isListed = isListed || e.sa == sa
 				}
 				d := exec(t, l, 64, rsocCDB(2, true, byte(op), sa, 64)...)
+				if d3 := exec(t, l, 64, rsocCDB(3, true, byte(op), sa, 64)...); !bytes.Equal(d3, d) {
+					t.Fatalf("opcode %#x sa %#x option 3: % x", op, sa, d3)
+				}
 				if isListed != (d[1]&7 == supportStandard) {
 					t.Fatalf("opcode %#x sa %#x: listed %v, support %d", op, sa, isListed, d[1]&7)
 				}
@@ -137,7 +146,7 @@ func TestReportSupportedOpcodesMatchesExecute(t *testing.T) {
 
 func TestReportSupportedOpcodesErrors(t *testing.T) {
 	l := newTestLUN(512)
-	for _, option := range []byte{3, 4, 7} {
+	for _, option := range []byte{4, 7} {
 		c := newCmd(DirIn, 64, 0)
 		expectCheck(t, c, run(l, c, rsocCDB(option, false, opRead10, 0, 64)...), keyIllegalRequest, ascInvalidFieldInCDB)
 	}
