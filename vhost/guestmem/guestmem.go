@@ -225,7 +225,7 @@ func sortBy(idx []int32, key func(int32) uint64) {
 
 // Close unmaps every region mapped by Map (a no-op for FromBytes tables). The caller must make sure nothing
 // still uses the table's slices: in-flight I/O writing into an unmapped range would fault or hit reused memory.
-// Close is idempotent.
+// Afterwards the table is empty (every lookup fails with ErrUnmapped). Close is idempotent.
 func (t *Table) Close() error {
 	var first error
 	for i := range t.regions {
@@ -237,6 +237,7 @@ func (t *Table) Close() error {
 		}
 		t.regions[i].host = nil
 	}
+	t.regions, t.byGPA, t.byUVA = nil, nil, nil
 	return first
 }
 
@@ -363,7 +364,7 @@ func (t *Table) AppendGPA(dst [][]byte, gpa uint64, n uint32, max int) ([][]byte
 		if r == nil {
 			return dst[:orig], &AddrError{"gpa", gpa, uint64(n), ErrUnmapped}
 		}
-		if len(dst)-orig == max {
+		if len(dst)-orig >= max {
 			return dst[:orig], &AddrError{"gpa", gpa, uint64(n), ErrTooManySegments}
 		}
 		off := addr - r.GPA

@@ -358,3 +358,24 @@ func memfdMappings(t *testing.T) int {
 	}
 	return n
 }
+
+func TestClosedTableIsEmpty(t *testing.T) {
+	tb, _ := twoRegions(t)
+	if err := tb.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tb.GPA(0x1000, 1); !errors.Is(err, ErrUnmapped) {
+		t.Fatalf("lookup after Close: %v", err)
+	}
+	if got, err := tb.AppendGPA(nil, 0x1000, 1, 4); !errors.Is(err, ErrUnmapped) || len(got) != 0 {
+		t.Fatalf("AppendGPA after Close: %v", err)
+	}
+	if got, err := twoRegionsAppend(t, -1); !errors.Is(err, ErrTooManySegments) || len(got) != 0 {
+		t.Fatalf("negative max: %v", err)
+	}
+}
+
+func twoRegionsAppend(t *testing.T, max int) ([][]byte, error) {
+	tb, _ := twoRegions(t)
+	return tb.AppendGPA(nil, 0x1000, 1, max)
+}

@@ -51,7 +51,8 @@ var (
 	// ErrIndirectUnmapped: an indirect table does not lie inside one guest memory region (QEMU: "Cannot map
 	// indirect buffer").
 	ErrIndirectUnmapped = errors.New("virtq: indirect table outside guest memory")
-	// ErrReadAfterWrite: a device-readable descriptor follows a device-writable one (virtio 1.2 §2.7.4 "Message Framing").
+	// ErrReadAfterWrite: a device-readable descriptor follows a device-writable one (virtio 1.2 §2.7.4,
+	// "Message Framing": the driver places device-writable elements after device-readable ones).
 	ErrReadAfterWrite = errors.New("virtq: readable descriptor after writable one")
 	// ErrZeroLength: a data descriptor has length 0. QEMU rejects these ("zero sized buffers are not allowed")
 	// and no driver that works with QEMU sends them, so we do too, which keeps every segment non-empty.

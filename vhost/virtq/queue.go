@@ -91,7 +91,8 @@ type Queue struct {
 
 // New validates a ring configuration and translates its three parts once. The used index is read back from
 // guest memory, so a ring restarted after GET_VRING_BASE continues where the driver expects. New writes nothing
-// to guest memory; call SetNotification to choose the notification state.
+// to guest memory; call SetNotification to choose the notification state. The Queue keeps slices of mem: stop
+// using it before mem is closed (a new memory table means a new Queue, with addresses translated again).
 func New(mem *guestmem.Table, c Config) (*Queue, error) {
 	if mem == nil {
 		return nil, fmt.Errorf("virtq: nil guest memory table")
@@ -249,8 +250,9 @@ func (q *Queue) Pop(c *Chain) (ok bool, err error) {
 
 // Push records a used element {head, written}; the driver sees it at the next Publish. head must come from
 // Pop (a head ≥ Size is a bug in the caller and panics). Pushing more than Size elements between Publish calls
-// (possible only if a hostile driver offers one head twice) stores used->idx early, so that no element the
-// driver has not seen yet is overwritten; the next Publish still decides notification over the whole range.
+// (a caller that pops more than Size chains per pass, or a driver offering one head twice) stores used->idx
+// early, so that no element the driver has not seen is overwritten; the next Publish still decides
+// notification over the whole range.
 func (q *Queue) Push(head uint16, written uint32) {
 	if head >= q.size {
 		panic(fmt.Sprintf("virtq: Push of head %d on a queue of size %d", head, q.size))

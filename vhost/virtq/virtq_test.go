@@ -396,7 +396,8 @@ func TestNewValidation(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := virtq.New(tb, virtq.Config{Size: 4, DescUVA: 0x10000, AvailUVA: 0x10040, UsedUVA: 0x10100}); !errors.Is(err, virtq.ErrHostAlign) {
+	_, err = virtq.New(tb, virtq.Config{Size: 4, DescUVA: 0x10000, AvailUVA: 0x10040, UsedUVA: 0x10100})
+	if !errors.Is(err, virtq.ErrHostAlign) {
 		t.Fatalf("host misalignment: %v", err)
 	}
 	// EVENT_IDX needs the 2 bytes after the used ring mapped (the avail_event word); without it they are not.
@@ -640,14 +641,16 @@ func TestUsedIdxContinuesFromGuest(t *testing.T) {
 	}
 }
 
-// cycle re-exposes the same 3-descriptor chain (header, data, response) and runs Pop, Push, Publish.
+// setupCycle returns a function that re-exposes one chain (a header, then an indirect table of data, a data
+// buffer split across regions, and a response) and runs Pop, Push, Publish and a notification toggle.
 func setupCycle(t testing.TB, eventIdx bool) (func(), *virtq.Chain) {
 	d := vt.New(256, 1<<20)
 	d.Features.EventIdx = eventIdx
 	d.Features.Indirect = true
 	q := newQueue(t, d)
 	head := d.AddIndirect([]vt.Desc{{Addr: d.Alloc(51, 0), Len: 51}},
-		[]vt.Desc{{Addr: d.Alloc(4096, 0), Len: 4096}, {Addr: d.Boundary - 2048, Len: 4096}, {Addr: d.Alloc(108, 0), Len: 108, Flags: vt.FWrite}})
+		[]vt.Desc{{Addr: d.Alloc(4096, 0), Len: 4096}, {Addr: d.Boundary - 2048, Len: 4096},
+			{Addr: d.Alloc(108, 0), Len: 108, Flags: vt.FWrite}})
 	c := new(virtq.Chain)
 	mustPop(t, q, c)
 	q.Push(c.Head, 0)
