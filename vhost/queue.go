@@ -49,7 +49,8 @@ type request struct {
 	cmd   scsi.Cmd
 	data  [virtq.MaxSegments][]byte // data buffers after the headers (guest memory)
 	resp  [respHdrSize]byte
-	lun   int // lunRef.idx of the LUN that got the IO, -1 for none
+	lun   int   // lunRef.idx of the LUN that got the IO, -1 for none
+	start int64 // poll time (ns) when the bdev IO was submitted; 0 for emulated commands
 }
 
 // queue is a request virtqueue running on one reactor. Only that reactor
@@ -72,6 +73,7 @@ type queue struct {
 	broken   bool
 	stopping bool
 	stopCh   chan uint16 // set by stop; the reactor sends the final avail index
+	now      int64       // time of the current Poll: one clock read per poll, not per request
 
 	// Counters written only by the owning reactor; read through reactor.Call.
 	rq    int // request queue number (vring index - 2)
@@ -178,6 +180,7 @@ func (q *queue) finishStop() {
 
 // Poll reaps bdev completions, then starts up to popBatch new requests.
 func (q *queue) Poll() int {
+	q.now = nanotime()
 	work := 0
 	for _, ch := range q.chans {
 		if ch.InFlight() > 0 {
@@ -288,7 +291,8 @@ func (q *queue) execute(r *request) {
 	cmd := &r.cmd
 	copy(cmd.CDB[:], hdr[19:51])
 	cmd.Status, cmd.SenseLen, cmd.Resid = 0, 0, 0
-	r.lun = -1
+	r.lun, r.start = -1, 0
+	cmd.IO.Op = 0
 
 	dataOut := c.ReadLen - reqHdrSize
 	dataIn := c.WriteLen - respHdrSize
@@ -332,6 +336,8 @@ func (q *queue) execute(r *request) {
 		act = t.t.Execute(lunID, cmd)
 	}
 	if act == scsi.ActionIO {
+		r.start = q.now
+		q.lunSt[r.lun].InFlight++
 		q.chans[r.lun].Submit(&cmd.IO) // completes through IODone, maybe inline
 		return
 	}
@@ -381,8 +387,14 @@ func (q *queue) respond(r *request, response byte) {
 func (q *queue) account(r *request) {
 	cmd := &r.cmd
 	st := &q.lunSt[r.lun]
+	if r.start != 0 {
+		st.InFlight--
+		d := q.now - r.start
+		st.Latency[latencyBucket(d)]++
+		st.LatencyNanos += uint64(d)
+	}
 	if cmd.Status != 0 {
-		st.Errors++
+		st.Errors[errorKind(cmd)]++
 	}
 	switch cmd.IO.Op {
 	case bdev.OpRead:
@@ -396,7 +408,24 @@ func (q *queue) account(r *request) {
 	case bdev.OpUnmap, bdev.OpWriteZeroes:
 		st.Unmaps++
 	}
-	cmd.IO.Op = 0
+}
+
+func errorKind(c *scsi.Cmd) ErrorKind {
+	if c.Status == 0x08 || c.Status == 0x28 { // BUSY, TASK SET FULL
+		return ErrBusy
+	}
+	if c.SenseLen < 3 {
+		return ErrOther
+	}
+	switch c.Sense[2] & 0x0f {
+	case 0x05:
+		return ErrIllegalRequest
+	case 0x03:
+		return ErrMedium
+	case 0x07:
+		return ErrDataProtect
+	}
+	return ErrOther
 }
 
 // finish pushes the used element and recycles the slot.

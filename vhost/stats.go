@@ -1,16 +1,55 @@
 package vhost
 
 import (
+	"math/bits"
 	"sync"
 	"sync/atomic"
 )
+
+// ErrorKind classifies failed commands for the errors metric.
+type ErrorKind int
+
+const (
+	ErrIllegalRequest ErrorKind = iota // ILLEGAL REQUEST: bad opcode, field, LBA range
+	ErrMedium                          // MEDIUM ERROR: the backing store failed a read or write
+	ErrDataProtect                     // DATA PROTECT: write to a read-only LUN, no space
+	ErrBusy                            // BUSY status: the bdev was out of resources
+	ErrOther                           // any other CHECK CONDITION
+	NumErrorKinds
+)
+
+// ErrorKindNames are the metric label values, by ErrorKind.
+var ErrorKindNames = [NumErrorKinds]string{"illegal_request", "medium_error", "data_protect", "busy", "other"}
+
+// LatencyBuckets is the number of finite latency histogram buckets: bucket i
+// holds latencies up to 2^i microseconds (1 us .. ~1 s).
+const LatencyBuckets = 21
 
 // LUNCounters count one LUN's commands. Each queue keeps its own copy, written
 // only by the queue's reactor; a scrape sums the copies.
 type LUNCounters struct {
 	Reads, Writes, Flushes, Unmaps uint64
 	ReadBytes, WriteBytes          uint64
-	Errors                         uint64 // commands that ended in CHECK CONDITION or BUSY
+	Errors                         [NumErrorKinds]uint64 // commands that ended in CHECK CONDITION or BUSY
+	// Latency of block I/O commands (submission to completion on the
+	// reactor), in a cumulative-free histogram: Latency[i] counts requests in
+	// bucket i, Latency[LatencyBuckets] those above the last bound.
+	Latency      [LatencyBuckets + 1]uint64
+	LatencyNanos uint64
+	InFlight     int64 // block I/O commands submitted to the bdev and not completed
+}
+
+// latencyBucket maps nanoseconds to a bucket: ceil(log2(us)).
+func latencyBucket(ns int64) int {
+	us := uint64(ns+999) / 1000
+	if us <= 1 {
+		return 0
+	}
+	b := bits.Len64(us - 1)
+	if b > LatencyBuckets {
+		return LatencyBuckets
+	}
+	return b
 }
 
 func (a *LUNCounters) add(b *LUNCounters) {
@@ -20,7 +59,14 @@ func (a *LUNCounters) add(b *LUNCounters) {
 	a.Unmaps += b.Unmaps
 	a.ReadBytes += b.ReadBytes
 	a.WriteBytes += b.WriteBytes
-	a.Errors += b.Errors
+	for i := range a.Errors {
+		a.Errors[i] += b.Errors[i]
+	}
+	for i := range a.Latency {
+		a.Latency[i] += b.Latency[i]
+	}
+	a.LatencyNanos += b.LatencyNanos
+	a.InFlight += b.InFlight
 }
 
 // QueueCounters count one request queue's work.

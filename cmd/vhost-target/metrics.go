@@ -6,6 +6,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"vhost-target/vhost"
 )
 
 // collector reads the counters when scraped. Reactors write their own
@@ -26,7 +28,9 @@ var (
 	dUnmaps         = desc("lun_unmaps_total", "UNMAP and WRITE SAME commands completed.", lunLabels...)
 	dReadBytes      = desc("lun_read_bytes_total", "Bytes read by guests.", lunLabels...)
 	dWriteBytes     = desc("lun_written_bytes_total", "Bytes written by guests.", lunLabels...)
-	dLUNErrors      = desc("lun_errors_total", "Commands completed with CHECK CONDITION or BUSY.", lunLabels...)
+	dLUNErrors      = desc("lun_errors_total", "Commands completed with CHECK CONDITION or BUSY, by kind.", append(lunLabels, "kind")...)
+	dLatency        = desc("lun_io_latency_seconds", "Block I/O latency from submission to the bdev to completion, measured on the reactor.", lunLabels...)
+	dInFlight       = desc("lun_io_in_flight", "Block I/O commands submitted to the bdev and not yet completed.", lunLabels...)
 	dQueueRequests  = desc("queue_requests_total", "Requests completed per request queue.", "controller", "queue")
 	dBadChains      = desc("bad_descriptor_chains_total", "Malformed descriptor chains failed individually.", "controller")
 	dBadRequests    = desc("bad_requests_total", "Chains too short for virtio-scsi headers, or bidirectional.", "controller")
@@ -59,7 +63,18 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 			counter(dUnmaps, l.Unmaps, lv...)
 			counter(dReadBytes, l.ReadBytes, lv...)
 			counter(dWriteBytes, l.WriteBytes, lv...)
-			counter(dLUNErrors, l.Errors, lv...)
+			for k, v := range l.Errors {
+				counter(dLUNErrors, v, append(lv, vhost.ErrorKindNames[k])...)
+			}
+			buckets := make(map[float64]uint64, vhost.LatencyBuckets)
+			var cum uint64
+			for i := 0; i < vhost.LatencyBuckets; i++ {
+				cum += l.Latency[i]
+				buckets[float64(uint64(1)<<i)*1e-6] = cum
+			}
+			ch <- prometheus.MustNewConstHistogram(dLatency, cum+l.Latency[vhost.LatencyBuckets],
+				float64(l.LatencyNanos)/1e9, buckets, lv...)
+			ch <- prometheus.MustNewConstMetric(dInFlight, prometheus.GaugeValue, float64(l.InFlight), lv...)
 		}
 		var bad, badReq, tr, broken uint64
 		for q, qc := range s.Queues {
