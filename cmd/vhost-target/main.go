@@ -94,6 +94,7 @@ type target struct {
 	bdevs       []bdev.Bdev
 	controllers []*vhost.Controller
 	metrics     *http.Server
+	metricsAddr string // host:port the metrics endpoint listens on
 }
 
 func start(cfg *config.Config, log *slog.Logger) (t *target, err error) {
@@ -170,6 +171,7 @@ func start(cfg *config.Config, log *slog.Logger) (t *target, err error) {
 			return t, fmt.Errorf("metrics.listen: %w", err)
 		}
 		t.metrics = &http.Server{Handler: metricsHandler(t), ReadHeaderTimeout: 10 * time.Second}
+		t.metricsAddr = ln.Addr().String()
 		go t.metrics.Serve(ln)
 		log.Info("metrics listening", "url", "http://"+ln.Addr().String()+"/metrics")
 	}
