@@ -23,6 +23,7 @@ func benchIO(b *testing.B, op byte, bs, qd int) {
 	}
 	defer dev.Close()
 	q := dev.Queue(0)
+	q.SetInterrupts(false)
 	blocks := uint64(256<<20) / uint64(bs)
 	var cdb [16]byte
 	dir := frontend.DirIn

@@ -297,6 +297,9 @@ loop:
 // run keeps qd requests in flight on one queue, busy-polling for completions.
 func (w *benchWorker) run(stop *atomic.Bool) error {
 	q := w.q
+	// A polling initiator wants no interrupts (as SPDK's virtio-user does):
+	// the target then skips the call eventfd write.
+	q.SetInterrupts(false)
 	inflight := 0
 	for {
 		if !stop.Load() {
