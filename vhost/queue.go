@@ -180,7 +180,7 @@ func (q *queue) finishStop() {
 
 // Poll reaps bdev completions, then starts up to popBatch new requests.
 func (q *queue) Poll() int {
-	q.now = nanotime()
+	q.now = q.r.Now()
 	work := 0
 	for _, ch := range q.chans {
 		if ch.InFlight() > 0 {
@@ -226,6 +226,12 @@ func (q *queue) Poll() int {
 
 func (q *queue) popError(r *request, err error) {
 	if ce, ok := err.(*virtq.ChainError); ok {
+		if h := ce.Head; q.heads[h/64]&(1<<(h%64)) != 0 {
+			// The driver reused a head still in flight: completing it now would
+			// give it a used element for the request we are still running.
+			q.markBroken("head already in flight", int(h))
+			return
+		}
 		// One malformed chain: complete it with nothing written and go on.
 		q.st.BadChains++
 		q.vq.Push(ce.Head, 0)
@@ -264,6 +270,12 @@ func (q *queue) signal() {
 func (q *queue) Arm() bool {
 	if q.inflight > 0 || q.stopping || q.kick < 0 {
 		return false
+	}
+	if q.broken {
+		// Nothing is taken from a broken ring until the control plane stops it
+		// (a reactor message, which wakes us). Its avail entries stay pending,
+		// so HasAvail below would keep the reactor spinning forever.
+		return true
 	}
 	q.vq.SetNotification(true)
 	return !q.vq.HasAvail()
