@@ -340,13 +340,13 @@ func (q *queue) execute(r *request) {
 		return
 	}
 	lunID := (uint16(hdr[2])<<8 | uint16(hdr[3])) & 0x3fff
-	var act scsi.Action
 	if ref := t.find(lunID); ref != nil {
 		r.lun = ref.idx
-		act = ref.lun.Execute(cmd)
-	} else {
-		act = t.t.Execute(lunID, cmd)
 	}
+	// Always through the target, present LUN or not: LUN.Execute alone
+	// answers REPORT LUNS with that one LUN, and Linux then never finds the
+	// target's other LUNs (it scans with REPORT LUNS to LUN 0).
+	act := t.t.Execute(lunID, cmd)
 	if act == scsi.ActionIO {
 		r.start = q.now
 		q.lunSt[r.lun].InFlight++
