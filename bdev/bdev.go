@@ -119,3 +119,12 @@ type Channel interface {
 	// Close waits for nothing: the caller drains InFlight to 0 first.
 	Close() error
 }
+
+// Waker is implemented by channels whose completions arrive asynchronously
+// (kernel-backed bdevs). A reactor that wants to sleep while IOs are in
+// flight watches EventFD: it becomes readable when a completion is ready for
+// Poll. The reactor drains it; the first call may create it.
+type Waker interface {
+	// EventFD returns the eventfd, or -1 if the channel cannot provide one.
+	EventFD() int
+}
