@@ -103,7 +103,7 @@ func (s *session) serve() {
 		if err := s.handle(m); err != nil {
 			m.CloseFDs()
 			s.c.Stats.protocolErrors.Add(1)
-			s.log.Warn("closing connection", "msg", m.Request.String(), "err", err)
+			s.log.Warn("closing connection", "request", m.Request.String(), "err", err)
 			return
 		}
 		m.CloseFDs() // any fd a handler did not take
