@@ -115,6 +115,13 @@ func (cq *ctrlQueue) run() {
 			}
 			cq.mu.Unlock()
 		}
+		// With EVENT_IDX the driver kicks only when avail->idx passes
+		// avail_event, which SetNotification moves to the current index; then
+		// look once more for a chain added before the driver could see it.
+		cq.vq.SetNotification(true)
+		if cq.vq.HasAvail() {
+			continue
+		}
 		select {
 		case <-cq.quit:
 			return
