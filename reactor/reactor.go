@@ -237,7 +237,7 @@ func (r *Reactor) sleep() {
 	// Sequentially consistent with Send: either Send sees sleeping or we see the message.
 	if ok && r.inbox.Len() == 0 && !r.stopping.Load() {
 		var evs [16]unix.EpollEvent
-		_, _ = unix.EpollWait(r.epfd, evs[:], 100)
+		_, _ = unix.EpollWait(r.epfd, evs[:], 1000) // wakefd ends it for messages and Stop
 		r.Stats.Sleeps.Add(1)
 	}
 	r.sleeping.Store(false)

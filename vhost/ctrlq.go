@@ -87,8 +87,15 @@ func (cq *ctrlQueue) run() {
 			}
 		}()
 	}
-	tick := time.NewTicker(5 * time.Millisecond)
-	defer tick.Stop()
+	// Without a kick fd the front-end expects us to poll; with one, the
+	// eventfd counter keeps any kick that lands between Pop and Read, so no
+	// timer is needed and an idle control queue costs nothing.
+	var tickC <-chan time.Time
+	if cq.kick == nil {
+		tick := time.NewTicker(5 * time.Millisecond)
+		defer tick.Stop()
+		tickC = tick.C
+	}
 	var c virtq.Chain
 	for {
 		for {
@@ -104,6 +111,13 @@ func (cq *ctrlQueue) run() {
 				return
 			}
 			if !ok {
+				// Re-arm the kick (with EVENT_IDX avail_event must follow the
+				// avail index), then look once more: a request made available
+				// before the re-arm would otherwise wait for a kick never sent.
+				cq.vq.SetNotification(true)
+				if cq.vq.HasAvail() {
+					continue
+				}
 				break
 			}
 			cq.vq.Push(c.Head, cq.handle(&c))
@@ -129,7 +143,7 @@ func (cq *ctrlQueue) run() {
 			if !ok {
 				kicks = nil
 			}
-		case <-tick.C: // a kick may be lost between Pop and the read; poll slowly too
+		case <-tickC:
 		}
 	}
 }
