@@ -111,13 +111,6 @@ func (cq *ctrlQueue) run() {
 				return
 			}
 			if !ok {
-				// Re-arm the kick (with EVENT_IDX avail_event must follow the
-				// avail index), then look once more: a request made available
-				// before the re-arm would otherwise wait for a kick never sent.
-				cq.vq.SetNotification(true)
-				if cq.vq.HasAvail() {
-					continue
-				}
 				break
 			}
 			cq.vq.Push(c.Head, cq.handle(&c))
