@@ -6,7 +6,10 @@ import (
 	"io"
 	"log/slog"
 	"math/rand"
+	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 
 	"vhost-target/bdev"
@@ -121,5 +124,40 @@ func TestSmokeWriteReadBack(t *testing.T) {
 	}
 	if !bytes.Equal(d.Bytes()[100*512:108*512], data) {
 		t.Fatal("disk content differs")
+	}
+}
+
+// TestHugetlbMemory serves a front-end whose guest RAM is in 2 MiB hugetlb
+// memfds (as QEMU with memory-backend-file on hugetlbfs, or SPDK's initiator):
+// the mapping length must be rounded to the huge page size.
+func TestHugetlbMemory(t *testing.T) {
+	const want = 64 // 2 MiB pages: 128 MiB
+	old, err := os.ReadFile("/proc/sys/vm/nr_hugepages")
+	if err != nil {
+		t.Skipf("no hugetlb support: %v", err)
+	}
+	n, _ := strconv.Atoi(strings.TrimSpace(string(old)))
+	if n < want {
+		if err := os.WriteFile("/proc/sys/vm/nr_hugepages", []byte(strconv.Itoa(n+want)), 0); err != nil {
+			t.Skipf("cannot reserve huge pages (needs root): %v", err)
+		}
+		t.Cleanup(func() { os.WriteFile("/proc/sys/vm/nr_hugepages", old, 0) })
+	}
+	e := newEnv(t, 1, reactor.Adaptive)
+	d := e.disk("m0", 8<<20, 4096)
+	sock := e.controller("c0", 1, lun(0, 0, d))
+	dev, err := frontend.Dial(sock, frontend.Options{HugePages: true, MemSize: 64 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	data := make([]byte, 64<<10)
+	rand.Read(data)
+	if r, err := dev.Do(frontend.Command{CDB: rw10(0x2a, 8, 16), DataOut: data, Segments: 4}); err != nil || r.Status != 0 || r.Response != 0 {
+		t.Fatalf("write: %v %+v", err, r)
+	}
+	r, err := dev.Do(frontend.Command{CDB: rw10(0x28, 8, 16), DataInLen: len(data)})
+	if err != nil || r.Status != 0 || !bytes.Equal(r.DataIn, data) {
+		t.Fatalf("read back from hugetlb guest memory: %v %+v", err, r)
 	}
 }
