@@ -31,14 +31,14 @@ unit: deps
 
 # A short run of every fuzz target (seed corpora always run as part of unit).
 fuzz-short:
-	$(GO) test -run '^$$' -fuzz '^FuzzExecute$$' -fuzztime 10s ./scsi
-	$(GO) test -run '^$$' -fuzz '^FuzzPop$$' -fuzztime 10s ./vhost/virtq
-	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 10s ./config
+	$(GO) test -run '^$$' -fuzz '^FuzzExecute$$' -fuzztime 10s -fuzzminimizetime 3s ./scsi
+	$(GO) test -run '^$$' -fuzz '^FuzzPop$$' -fuzztime 10s -fuzzminimizetime 3s ./vhost/virtq
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 10s -fuzzminimizetime 3s ./config
 
 fuzz:
-	$(GO) test -run '^$$' -fuzz '^FuzzExecute$$' -fuzztime 5m ./scsi
-	$(GO) test -run '^$$' -fuzz '^FuzzPop$$' -fuzztime 5m ./vhost/virtq
-	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 5m ./config
+	$(GO) test -run '^$$' -fuzz '^FuzzExecute$$' -fuzztime 5m -fuzzminimizetime 10s ./scsi
+	$(GO) test -run '^$$' -fuzz '^FuzzPop$$' -fuzztime 5m -fuzzminimizetime 10s ./vhost/virtq
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 5m -fuzzminimizetime 10s ./config
 
 # Real-guest tests: build (or reuse) the guest image, boot QEMU guests against
 # the target. Needs root on Debian 12; installs QEMU and tools with apt-get.

@@ -29,7 +29,7 @@ func TestRingFIFOAndFull(t *testing.T) {
 // TestRingManyProducers pushes from many goroutines while one consumer pops:
 // every value arrives exactly once and each producer's values stay in order.
 func TestRingManyProducers(t *testing.T) {
-	const producers, per = 8, 20000
+	const producers, per = 8, 5000
 	r := NewRing[uint64](64)
 	var wg sync.WaitGroup
 	for p := 0; p < producers; p++ {
