@@ -1,0 +1,222 @@
+// Package errbdev is a bdev for tests that wraps another bdev and injects
+// faults: chosen operations on chosen LBA ranges fail with an I/O error
+// and/or complete late (SPDK's error bdev has the same idea). Delayed IOs
+// wait in a fixed-size table per channel and are released by Poll once
+// their time has come: no goroutine or timer per IO, nothing allocated.
+package errbdev
+
+import (
+	"fmt"
+	"time"
+
+	"vhost-target/bdev"
+)
+
+// DelayedMax bounds the IOs one channel holds back at a time; more get
+// bdev.ErrBusy (the initiator retries).
+const DelayedMax = 1024
+
+// Rule is one fault. An IO matches when its operation is Op (0 = any) and
+// its byte range overlaps blocks [LBAStart, LBAStart+LBACount) (LBACount 0 =
+// to the end of the device); a flush has no range and matches on Op alone.
+// A matching IO waits Delay, then fails with Err or, when Err is nil, goes
+// to the base bdev. The first matching rule applies.
+type Rule struct {
+	Op       bdev.Op
+	LBAStart uint64
+	LBACount uint64
+	Err      error
+	Delay    time.Duration
+}
+
+// Config describes an error bdev.
+type Config struct {
+	Name  string
+	Base  bdev.Bdev
+	Rules []Rule
+	UUID  [16]byte
+}
+
+// Disk is an error bdev.
+type Disk struct {
+	info  bdev.Info
+	base  bdev.Bdev
+	rules []Rule
+}
+
+// ParseOp turns a config op name ("read", "write", "flush", "unmap",
+// "write_zeroes", "write_same", or "all" for 0) into an Op.
+func ParseOp(s string) (bdev.Op, bool) {
+	if s == "all" {
+		return 0, true
+	}
+	for op := bdev.OpRead; op <= bdev.OpWriteSame; op++ {
+		if op.String() == s {
+			return op, true
+		}
+	}
+	return 0, false
+}
+
+// New wraps c.Base. The geometry and features are the base's.
+func New(c Config) (*Disk, error) {
+	if c.Base == nil {
+		return nil, fmt.Errorf("error bdev %q: no base bdev", c.Name)
+	}
+	for i, r := range c.Rules {
+		if r.Op > bdev.OpWriteSame || r.Delay < 0 || r.Err == nil && r.Delay == 0 {
+			return nil, fmt.Errorf("error bdev %q: rule %d (%+v) injects nothing or has a bad op", c.Name, i, r)
+		}
+		if r.LBAStart+r.LBACount < r.LBAStart {
+			return nil, fmt.Errorf("error bdev %q: rule %d: LBA range overflows", c.Name, i)
+		}
+	}
+	info := *c.Base.Info()
+	info.Name, info.Type, info.UUID = c.Name, "error", c.UUID
+	return &Disk{info: info, base: c.Base, rules: append([]Rule(nil), c.Rules...)}, nil
+}
+
+// Info describes the disk: the base's geometry under this bdev's name.
+func (d *Disk) Info() *bdev.Info { return &d.info }
+
+// Close does nothing: the base bdev is closed by its owner.
+func (d *Disk) Close() error { return nil }
+
+// Open opens a channel of the base bdev and wraps it.
+func (d *Disk) Open() (bdev.Channel, error) {
+	bc, err := d.base.Open()
+	if err != nil {
+		return nil, fmt.Errorf("error bdev %q: %w", d.info.Name, err)
+	}
+	return &channel{d: d, base: bc, epoch: time.Now()}, nil
+}
+
+// match returns the first rule io matches, or nil.
+func (d *Disk) match(io *bdev.IO) *Rule {
+	bs := uint64(d.info.BlockSize)
+	for i := range d.rules {
+		r := &d.rules[i]
+		if r.Op != 0 && r.Op != io.Op {
+			continue
+		}
+		switch io.Op {
+		case bdev.OpFlush:
+			return r
+		case bdev.OpUnmap:
+			for _, rg := range io.Ranges[:min(max(io.NRanges, 0), bdev.MaxRanges)] {
+				if r.overlaps(rg.Offset, rg.Len, bs) {
+					return r
+				}
+			}
+		default:
+			if r.overlaps(io.Offset, io.Len, bs) {
+				return r
+			}
+		}
+	}
+	return nil
+}
+
+func (r *Rule) overlaps(off, n, bs uint64) bool {
+	if n == 0 {
+		return false
+	}
+	first, last := off/bs, (off+n-1)/bs // blocks touched
+	if last < r.LBAStart {
+		return false
+	}
+	return r.LBACount == 0 || first < r.LBAStart+r.LBACount
+}
+
+type delayed struct {
+	io  *bdev.IO
+	due time.Duration // since epoch
+	err error
+}
+
+type channel struct {
+	d     *Disk
+	base  bdev.Channel
+	epoch time.Time
+	held  [DelayedMax]delayed
+	nheld int
+	ready [DelayedMax]delayed // Poll's scratch: IOs due this pass
+}
+
+var _ bdev.Waker = (*channel)(nil)
+
+func (c *channel) Submit(io *bdev.IO) {
+	r := c.d.match(io)
+	switch {
+	case r == nil:
+		c.base.Submit(io)
+	case r.Delay > 0:
+		if c.nheld == DelayedMax {
+			io.Err = bdev.ErrBusy
+			io.Done.IODone(io)
+			return
+		}
+		// time.Since reads the monotonic clock (vDSO): no syscall.
+		c.held[c.nheld] = delayed{io: io, due: time.Since(c.epoch) + r.Delay, err: r.Err}
+		c.nheld++
+	default:
+		io.Err = r.Err
+		io.Done.IODone(io)
+	}
+}
+
+// Poll releases held IOs whose delay has passed (in the order they were
+// held), then polls the base. Due IOs are moved out of the table before any
+// callback runs, so a Done that submits again finds the table consistent.
+func (c *channel) Poll() int {
+	work := 0
+	if c.nheld > 0 {
+		now := time.Since(c.epoch)
+		kept, nready := 0, 0
+		for i := 0; i < c.nheld; i++ {
+			h := c.held[i]
+			c.held[i] = delayed{}
+			if h.due > now {
+				c.held[kept] = h
+				kept++
+			} else {
+				c.ready[nready] = h
+				nready++
+			}
+		}
+		c.nheld = kept
+		for i := 0; i < nready; i++ {
+			h := c.ready[i]
+			c.ready[i] = delayed{}
+			work++
+			if h.err != nil {
+				h.io.Err = h.err
+				h.io.Done.IODone(h.io)
+			} else {
+				c.base.Submit(h.io)
+			}
+		}
+	}
+	if c.base.InFlight() > 0 {
+		work += c.base.Poll()
+	}
+	return work
+}
+
+func (c *channel) InFlight() int { return c.nheld + c.base.InFlight() }
+
+// EventFD passes the base's through; held IOs are released by Poll, which an
+// adaptive reactor keeps calling while InFlight is above 0.
+func (c *channel) EventFD() int {
+	if w, ok := c.base.(bdev.Waker); ok {
+		return w.EventFD()
+	}
+	return -1
+}
+
+func (c *channel) Close() error {
+	if c.nheld > 0 {
+		return fmt.Errorf("error bdev %q: close with %d delayed IOs", c.d.info.Name, c.nheld)
+	}
+	return c.base.Close()
+}
