@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"vhost-target/bdev"
 	"vhost-target/bdev/malloc"
@@ -159,5 +160,57 @@ func TestHugetlbMemory(t *testing.T) {
 	r, err := dev.Do(frontend.Command{CDB: rw10(0x28, 8, 16), DataInLen: len(data)})
 	if err != nil || r.Status != 0 || !bytes.Equal(r.DataIn, data) {
 		t.Fatalf("read back from hugetlb guest memory: %v %+v", err, r)
+	}
+}
+
+// TestStopDrainsInFlight holds a WRITE in the bdev, asks for GET_VRING_BASE,
+// and checks the reply comes only after the WRITE completed and was put on
+// the used ring (notes A.4: stop and drain before replying).
+func TestStopDrainsInFlight(t *testing.T) {
+	e := newEnv(t, 1, reactor.Busy)
+	g := &gateBdev{Disk: e.disk("g", 1<<20, 512)}
+	sock := e.controller("c0", 1, lun(0, 0, g))
+	dev, err := frontend.Dial(sock, frontend.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Abort()
+	q := dev.Queue(0)
+	s := q.Get()
+	copy(s.Data, bytes.Repeat([]byte{0x5a}, 512))
+	q.Prepare(s, 0, 0, rw10(0x2a, 3, 1), frontend.DirOut, 512)
+	q.Submit(s)
+	q.Kick()
+	deadline := time.Now().Add(5 * time.Second)
+	for g.held.Load() == 0 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if g.held.Load() != 1 {
+		t.Fatal("write never reached the bdev")
+	}
+	reply := make(chan error, 1)
+	go func() { _, err := dev.GetVringBase(q.Index()); reply <- err }()
+	select {
+	case err := <-reply:
+		t.Fatalf("GET_VRING_BASE answered (%v) while a write was in flight", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	if q.UsedIdx() != 0 {
+		t.Fatal("write completed while the gate was closed")
+	}
+	g.open.Store(true)
+	select {
+	case err := <-reply:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("GET_VRING_BASE not answered after the write completed")
+	}
+	if q.UsedIdx() != 1 {
+		t.Fatalf("used idx %d after the drain, want 1: the completion was lost", q.UsedIdx())
+	}
+	if !bytes.Equal(g.Bytes()[3*512:4*512], bytes.Repeat([]byte{0x5a}, 512)) {
+		t.Fatal("drained write did not reach the disk")
 	}
 }
