@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"time"
 )
 
 // Bdev types (key bdev.type).
@@ -22,7 +23,16 @@ const (
 	TypeMalloc = "malloc" // RAM disk; contents are lost when the target exits
 	TypeFile   = "file"   // regular file or block device, O_DIRECT, served by worker goroutines
 	TypeAIO    = "aio"    // regular file or block device, O_DIRECT, kernel async I/O (io_uring or libaio)
+	TypeError  = "error"  // wraps another bdev and injects I/O errors or delays (for tests)
 )
+
+// Operations an error bdev's inject entry can match (key bdev.inject.op).
+// "all" matches every operation; the others are bdev.Op names.
+var InjectOps = []string{"all", "read", "write", "flush", "unmap", "write_zeroes", "write_same"}
+
+// InjectEIO is the one error an inject entry can return (key bdev.inject.error):
+// an I/O error, which SCSI reports as MEDIUM ERROR.
+const InjectEIO = "eio"
 
 // I/O engines of an aio bdev (key bdev.engine).
 const (
@@ -70,6 +80,11 @@ const (
 	QueueDepthDefault = 128
 	QueueDepthMax     = 4096 // io_uring SQ entries / io_setup nr_events of one aio bdev channel
 
+	// InjectDelayMax bounds an error bdev's injected delay: longer than a
+	// minute only trips guest command timeouts (30 s on Linux), which a
+	// shorter delay does as well.
+	InjectDelayMax = time.Minute
+
 	// SocketModeDefault lets only the socket's owner (the target's user,
 	// normally root, unless socket_owner says otherwise) connect.
 	SocketModeDefault = 0o600
@@ -108,7 +123,7 @@ type Reactors struct {
 // Bdev describes one block device.
 type Bdev struct {
 	Name string
-	Type string // TypeMalloc, TypeFile or TypeAIO
+	Type string // TypeMalloc, TypeFile, TypeAIO or TypeError
 	// Path is the backing file or block device (file and aio only).
 	Path string
 	// Engine is the aio engine (aio only): EngineAuto, EngineURing or EngineLibaio.
@@ -125,12 +140,29 @@ type Bdev struct {
 	ReadOnly bool
 	// Workers is the number of I/O goroutines (file only).
 	Workers int
-	// QueueDepth is the most I/Os in flight per reactor channel (aio only).
+	// QueueDepth is the most I/Os in flight per reactor channel (file and aio).
 	QueueDepth int
+	// Base is the bdev an error bdev wraps (error only); it must be defined
+	// earlier in the file. Size and block size are the base's.
+	Base string
+	// Inject lists an error bdev's faults, first match wins (error only).
+	Inject []Inject
 	// UUID identifies the device to guests (SCSI serial and VPD page 0x83 are
 	// derived from it). When the file gives none it is BdevUUID(Name), so it
 	// is stable across restarts.
 	UUID [16]byte
+}
+
+// Inject is one fault of an error bdev: IOs of operation Op overlapping
+// blocks [LBAStart, LBAStart+LBACount) (LBACount 0 = to the end; a flush
+// matches on Op alone) wait Delay and then fail with Error, or go on to the
+// base when Error is "". At least one of Error and Delay is set.
+type Inject struct {
+	Op       string // one of InjectOps
+	LBAStart uint64
+	LBACount uint64
+	Error    string // "" or InjectEIO
+	Delay    time.Duration
 }
 
 // Controller describes one vhost-user-scsi controller (one socket, one

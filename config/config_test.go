@@ -12,6 +12,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 )
 
 // cpu is a CPU this test process may run on; texts use it so that they are
@@ -111,7 +112,7 @@ func TestParseFullExample(t *testing.T) {
 			{Name: "mem4k", Type: TypeMalloc, Size: 1 << 20, BlockSize: 4096,
 				UUID: [16]byte{0x01, 0x23, 0xab, 0xcd, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab}},
 			{Name: "disk1", Type: TypeFile, Path: "/var/lib/vm/disk1.img", Size: 10e9, BlockSize: 512, Create: true,
-				Workers: 4, UUID: BdevUUID("disk1")},
+				Workers: 4, QueueDepth: QueueDepthDefault, UUID: BdevUUID("disk1")},
 			{Name: "disk2", Type: TypeAIO, Path: "/dev/vdb", Engine: EngineLibaio, BlockSize: 512, ReadOnly: true,
 				QueueDepth: 64, UUID: BdevUUID("disk2")},
 			{Name: "disk3", Type: TypeAIO, Path: "/dev/vdc", Engine: EngineAuto, BlockSize: 512,
@@ -201,6 +202,52 @@ const (
 	ctrl0      = "[[controller]]\nname = \"vhost.0\"\n[[controller.lun]]\ntarget = 0\nbdev = \"mem0\"\n"
 )
 
+// TestParseErrorBdev parses an error bdev with every inject key.
+func TestParseErrorBdev(t *testing.T) {
+	text := withCPU(head + mallocBdev + `
+[[bdev]]
+name = "err0"
+type = "error"
+base = "mem0"
+[[bdev.inject]]
+op = "read"
+lba_start = 100
+lba_count = 8
+error = "eio"
+[[bdev.inject]]
+op = "all"
+delay = "10ms"
+[[bdev.inject]]
+op = "write"
+lba_start = 7
+error = "eio"
+delay = "1.5s"
+[[controller]]
+name = "vhost.0"
+[[controller.lun]]
+target = 0
+bdev = "err0"
+`)
+	c, err := Parse([]byte(text), "e.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Bdev{Name: "err0", Type: TypeError, Base: "mem0", UUID: BdevUUID("err0"), Inject: []Inject{
+		{Op: "read", LBAStart: 100, LBACount: 8, Error: InjectEIO},
+		{Op: "all", Delay: 10 * time.Millisecond},
+		{Op: "write", LBAStart: 7, Error: InjectEIO, Delay: 1500 * time.Millisecond},
+	}}
+	if !reflect.DeepEqual(c.Bdevs[1], want) {
+		t.Errorf("got  %+v\nwant %+v", c.Bdevs[1], want)
+	}
+	if err := c.Validate(); err != nil {
+		t.Errorf("parsed config does not re-validate: %v", err)
+	}
+	if b := c.Bdevs[0]; b.QueueDepth != 0 {
+		t.Errorf("malloc queue depth = %d", b.QueueDepth)
+	}
+}
+
 func TestParseErrors(t *testing.T) {
 	tests := []struct {
 		name string
@@ -238,7 +285,7 @@ func TestParseErrors(t *testing.T) {
 		{"block size", head + strings.Replace(mallocBdev, `"1MiB"`, `"1MiB"`+"\nblock_size = 1024", 1) + ctrl0,
 			[]string{`bdev[0] "mem0": block_size: 1024 is not 512 or 4096`}, 0},
 		{"bdev type unknown", head + strings.Replace(mallocBdev, `"malloc"`, `"nvme"`, 1) + ctrl0,
-			[]string{`bdev[0] "mem0": type: "nvme" is not "malloc", "file" or "aio"`}, 0},
+			[]string{`bdev[0] "mem0": type: "nvme" is not "malloc", "file", "aio" or "error"`}, 0},
 		{"bdev type missing", head + "[[bdev]]\nname = \"mem0\"\nsize = 4096\n" + ctrl0,
 			[]string{`bdev[0] "mem0": type: required`}, 0},
 		{"bdev name missing", head + "[[bdev]]\ntype = \"malloc\"\nsize = 4096\n" + mallocBdev + ctrl0,
@@ -274,6 +321,32 @@ func TestParseErrors(t *testing.T) {
 			[]string{`bdev[0] "mem0": queue_depth: 0 is out of range 1..4096`}, 0},
 		{"queue depth high", head + "[[bdev]]\nname = \"mem0\"\ntype = \"aio\"\npath = \"/x\"\nqueue_depth = 4097\n" + ctrl0,
 			[]string{`bdev[0] "mem0": queue_depth: 4097 is out of range 1..4096`}, 0},
+		{"queue depth on malloc", head + mallocBdev + "queue_depth = 8\n" + ctrl0,
+			[]string{`bdev[0] "mem0": queue_depth: not used by type "malloc"`}, 0},
+		{"queue depth file zero", head + "[[bdev]]\nname = \"mem0\"\ntype = \"file\"\npath = \"/x\"\nqueue_depth = 0\n" + ctrl0,
+			[]string{`bdev[0] "mem0": queue_depth: 0 is out of range 1..4096`}, 0},
+		{"error without base", head + mallocBdev + "[[bdev]]\nname = \"err0\"\ntype = \"error\"\n" + ctrl0,
+			[]string{`bdev[1] "err0": base: required for type "error"`}, 1},
+		{"error base undefined", head + mallocBdev + "[[bdev]]\nname = \"err0\"\ntype = \"error\"\nbase = \"nope\"\n" + ctrl0,
+			[]string{`bdev[1] "err0": base: bdev "nope" is not defined`}, 1},
+		{"error base later", head + "[[bdev]]\nname = \"err0\"\ntype = \"error\"\nbase = \"mem0\"\n" + mallocBdev + ctrl0,
+			[]string{`bdev[0] "err0": base: bdev "mem0" must be defined before this entry`}, 1},
+		{"error base itself", head + mallocBdev + "[[bdev]]\nname = \"err0\"\ntype = \"error\"\nbase = \"err0\"\n" + ctrl0,
+			[]string{`bdev[1] "err0": base: bdev "err0" must be defined before this entry`}, 1},
+		{"error keys of other types", head + mallocBdev + "[[bdev]]\nname = \"err0\"\ntype = \"error\"\nbase = \"mem0\"\n" + "size = 4096\nblock_size = 512\npath = \"/x\"\nworkers = 2\nqueue_depth = 4\n" + ctrl0,
+			[]string{`bdev[1] "err0": size: not used by type "error"`, `block_size: not used by type "error"`,
+				`path: not used by type "error"`, `workers: not used by type "error"`, `queue_depth: not used by type "error"`}, 5},
+		{"base on malloc", head + mallocBdev + "base = \"x\"\n[[bdev.inject]]\nop = \"read\"\nerror = \"eio\"\n" + ctrl0,
+			[]string{`bdev[0] "mem0": base: not used by type "malloc"`, `bdev[0] "mem0": inject: not used by type "malloc"`}, 2},
+		{"inject bad", head + mallocBdev + "[[bdev]]\nname = \"err0\"\ntype = \"error\"\nbase = \"mem0\"\n" +
+			"[[bdev.inject]]\nop = \"reed\"\nlba_start = -1\nlba_count = -2\nerror = \"enospc\"\ndelay = \"soon\"\n" +
+			"[[bdev.inject]]\nop = \"flush\"\n" +
+			"[[bdev.inject]]\nop = \"all\"\ndelay = \"2m\"\n" +
+			"[[bdev.inject]]\nop = \"read\"\nlba_start = 9223372036854775807\nlba_count = 9223372036854775807\nlba_count_x = 1\nerror = \"eio\"\n" + ctrl0,
+			[]string{`bdev[1] "err0": inject[0].op: "reed" is not one of all, read, write, flush, unmap, write_zeroes, write_same`,
+				`inject[0].lba_start: -1 is negative`, `inject[0].lba_count: -2 is negative`, `inject[0].error: "enospc" is not "eio"`,
+				`inject[0].delay: "soon" is not a duration`, `bdev[1] "err0": inject[1]: injects nothing`,
+				`inject[2].delay: 2m0s is out of range 0..1m0s`, `unknown key "inject[3].lba_count_x"`}, 0},
 		{"path on malloc", head + mallocBdev + "path = \"/x\"\nread_only = true\n" + ctrl0,
 			[]string{`bdev[0] "mem0": path: not used by type "malloc"`, `bdev[0] "mem0": read_only: not used by type "malloc"`}, 0},
 		{"create read only", head + "[[bdev]]\nname = \"mem0\"\ntype = \"file\"\npath = \"/x\"\nsize = 4096\ncreate = true\nread_only = true\n" + ctrl0,
@@ -498,7 +571,7 @@ func TestDefault(t *testing.T) {
 	if c.Metrics.Listen != "127.0.0.1:9478" || c.Reactors.Poll != PollBusy || !reflect.DeepEqual(c.Reactors.CPUs, []int{cpu}) {
 		t.Errorf("default = %+v", c)
 	}
-	if len(c.Bdevs) != 1 || c.Bdevs[0] != (Bdev{Name: "mem0", Type: "malloc", Size: 256 << 20, BlockSize: 512, UUID: BdevUUID("mem0")}) {
+	if len(c.Bdevs) != 1 || !reflect.DeepEqual(c.Bdevs[0], Bdev{Name: "mem0", Type: "malloc", Size: 256 << 20, BlockSize: 512, UUID: BdevUUID("mem0")}) {
 		t.Errorf("bdevs = %+v", c.Bdevs)
 	}
 	if len(c.Controllers) != 1 || c.Controllers[0].Name != "vhost.0" || c.Controllers[0].NumQueues != NumQueuesDefault ||

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/BurntSushi/toml"
 )
@@ -34,17 +35,27 @@ type rawReactors struct {
 }
 
 type rawBdev struct {
-	Name       string `toml:"name"`
-	Type       string `toml:"type"`
-	Size       any    `toml:"size"`
-	BlockSize  *int64 `toml:"block_size"`
-	Path       string `toml:"path"`
-	Create     bool   `toml:"create"`
-	ReadOnly   bool   `toml:"read_only"`
-	Workers    *int64 `toml:"workers"`
-	Engine     string `toml:"engine"`
-	QueueDepth *int64 `toml:"queue_depth"`
-	UUID       string `toml:"uuid"`
+	Name       string      `toml:"name"`
+	Type       string      `toml:"type"`
+	Size       any         `toml:"size"`
+	BlockSize  *int64      `toml:"block_size"`
+	Path       string      `toml:"path"`
+	Create     bool        `toml:"create"`
+	ReadOnly   bool        `toml:"read_only"`
+	Workers    *int64      `toml:"workers"`
+	Engine     string      `toml:"engine"`
+	QueueDepth *int64      `toml:"queue_depth"`
+	UUID       string      `toml:"uuid"`
+	Base       string      `toml:"base"`
+	Inject     []rawInject `toml:"inject"`
+}
+
+type rawInject struct {
+	Op       string `toml:"op"`
+	LBAStart *int64 `toml:"lba_start"`
+	LBACount *int64 `toml:"lba_count"`
+	Error    string `toml:"error"`
+	Delay    string `toml:"delay"`
 }
 
 type rawController struct {
@@ -210,6 +221,10 @@ func bdevFromRaw(rb *rawBdev, errs *errorList) Bdev {
 		Create:    rb.Create,
 		ReadOnly:  rb.ReadOnly,
 		BlockSize: BlockSizeDefault,
+		Base:      rb.Base,
+	}
+	if rb.Type == TypeError {
+		b.BlockSize = 0 // the base's; a block_size key is reported by Validate
 	}
 	if rb.Size != nil {
 		size, err := sizeValue(rb.Size)
@@ -238,14 +253,17 @@ func bdevFromRaw(rb *rawBdev, errs *errorList) Bdev {
 	if rb.Workers != nil {
 		b.Workers = clampInt(*rb.Workers)
 	}
-	if rb.Type == TypeAIO {
-		if b.Engine == "" {
-			b.Engine = EngineAuto
-		}
+	if rb.Type == TypeAIO && b.Engine == "" {
+		b.Engine = EngineAuto
+	}
+	if rb.Type == TypeFile || rb.Type == TypeAIO {
 		b.QueueDepth = QueueDepthDefault
 	}
 	if rb.QueueDepth != nil {
 		b.QueueDepth = clampInt(*rb.QueueDepth)
+	}
+	for j := range rb.Inject {
+		b.Inject = append(b.Inject, injectFromRaw(&rb.Inject[j], "inject["+strconv.Itoa(j)+"]", errs))
 	}
 	if rb.UUID != "" {
 		u, err := parseUUID(rb.UUID)
@@ -257,6 +275,32 @@ func bdevFromRaw(rb *rawBdev, errs *errorList) Bdev {
 		b.UUID = BdevUUID(rb.Name)
 	}
 	return b
+}
+
+func injectFromRaw(ri *rawInject, key string, errs *errorList) Inject {
+	in := Inject{Op: ri.Op, Error: ri.Error}
+	if ri.LBAStart != nil {
+		if *ri.LBAStart < 0 {
+			errs.addf(key+".lba_start", "%d is negative", *ri.LBAStart)
+		} else {
+			in.LBAStart = uint64(*ri.LBAStart)
+		}
+	}
+	if ri.LBACount != nil {
+		if *ri.LBACount < 0 {
+			errs.addf(key+".lba_count", "%d is negative", *ri.LBACount)
+		} else {
+			in.LBACount = uint64(*ri.LBACount)
+		}
+	}
+	if ri.Delay != "" {
+		d, err := time.ParseDuration(ri.Delay)
+		if err != nil {
+			errs.addf(key+".delay", "%q is not a duration such as \"10ms\"", ri.Delay)
+		}
+		in.Delay = d
+	}
+	return in
 }
 
 func controllerFromRaw(rc *rawController, reactorCPUs []int, errs *errorList) Controller {

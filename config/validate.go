@@ -63,6 +63,14 @@ func (c *Config) validate(errs *errorList) {
 				break
 			}
 		}
+		if b.Type == TypeError && b.Base != "" {
+			switch j := slices.IndexFunc(c.Bdevs, func(o Bdev) bool { return o.Name == b.Base }); {
+			case j < 0:
+				e.addf("base", "bdev %q is not defined", b.Base)
+			case j >= i:
+				e.addf("base", "bdev %q must be defined before this entry", b.Base)
+			}
+		}
 		for j := range i {
 			// Equal names already give equal derived UUIDs; say it once.
 			if c.Bdevs[j].UUID == b.UUID && b.UUID != ([16]byte{}) && c.Bdevs[j].Name != b.Name {
@@ -109,12 +117,15 @@ func (b *Bdev) validate(e *errorList) {
 	fileBacked := b.Type == TypeFile || b.Type == TypeAIO
 	switch b.Type {
 	case "":
-		e.addf("type", "required: %q, %q or %q", TypeMalloc, TypeFile, TypeAIO)
-	case TypeMalloc, TypeFile, TypeAIO:
+		e.addf("type", "required: %q, %q, %q or %q", TypeMalloc, TypeFile, TypeAIO, TypeError)
+	case TypeMalloc, TypeFile, TypeAIO, TypeError:
 	default:
-		e.addf("type", "%q is not %q, %q or %q", b.Type, TypeMalloc, TypeFile, TypeAIO)
+		e.addf("type", "%q is not %q, %q, %q or %q", b.Type, TypeMalloc, TypeFile, TypeAIO, TypeError)
 	}
-	if b.BlockSize != 512 && b.BlockSize != 4096 {
+	if b.Type == TypeError {
+		notFor(e, "size", b.Size != 0, b.Type)
+		notFor(e, "block_size", b.BlockSize != 0, b.Type)
+	} else if b.BlockSize != 512 && b.BlockSize != 4096 {
 		e.addf("block_size", "%d is not 512 or 4096", b.BlockSize)
 	} else if b.Size%uint64(b.BlockSize) != 0 {
 		e.addf("size", "%d bytes is not a multiple of the block size %d", b.Size, b.BlockSize)
@@ -135,10 +146,14 @@ func (b *Bdev) validate(e *errorList) {
 		if b.Create && b.ReadOnly {
 			e.addf("create", "create = true with read_only = true would serve an empty disk")
 		}
-	} else if b.Type == TypeMalloc {
+		if b.QueueDepth < 1 || b.QueueDepth > QueueDepthMax {
+			e.addf("queue_depth", "%d is out of range 1..%d", b.QueueDepth, QueueDepthMax)
+		}
+	} else if b.Type == TypeMalloc || b.Type == TypeError {
 		notFor(e, "path", b.Path != "", b.Type)
 		notFor(e, "create", b.Create, b.Type)
 		notFor(e, "read_only", b.ReadOnly, b.Type)
+		notFor(e, "queue_depth", b.QueueDepth != 0, b.Type)
 	}
 	if b.Type == TypeFile {
 		if b.Workers < 1 || b.Workers > WorkersMax {
@@ -153,15 +168,40 @@ func (b *Bdev) validate(e *errorList) {
 		default:
 			e.addf("engine", "%q is not %q, %q or %q", b.Engine, EngineAuto, EngineURing, EngineLibaio)
 		}
-		if b.QueueDepth < 1 || b.QueueDepth > QueueDepthMax {
-			e.addf("queue_depth", "%d is out of range 1..%d", b.QueueDepth, QueueDepthMax)
-		}
 	} else {
 		notFor(e, "engine", b.Engine != "", b.Type)
-		notFor(e, "queue_depth", b.QueueDepth != 0, b.Type)
+	}
+	if b.Type == TypeError {
+		if b.Base == "" {
+			e.addf("base", "required for type %q", b.Type)
+		}
+		for j := range b.Inject {
+			b.Inject[j].validate(e, "inject["+strconv.Itoa(j)+"]")
+		}
+	} else {
+		notFor(e, "base", b.Base != "", b.Type)
+		notFor(e, "inject", len(b.Inject) != 0, b.Type)
 	}
 	if b.UUID == ([16]byte{}) {
 		e.addf("uuid", "must not be all zeros")
+	}
+}
+
+func (in *Inject) validate(e *errorList, key string) {
+	if !slices.Contains(InjectOps, in.Op) {
+		e.addf(key+".op", "%q is not one of %s", in.Op, strings.Join(InjectOps, ", "))
+	}
+	if in.LBAStart+in.LBACount < in.LBAStart {
+		e.addf(key+".lba_count", "lba_start + lba_count overflows")
+	}
+	if in.Error != "" && in.Error != InjectEIO {
+		e.addf(key+".error", "%q is not %q", in.Error, InjectEIO)
+	}
+	if in.Delay < 0 || in.Delay > InjectDelayMax {
+		e.addf(key+".delay", "%v is out of range 0..%v", in.Delay, InjectDelayMax)
+	}
+	if in.Error == "" && in.Delay == 0 {
+		e.addf(key, "injects nothing: set error, delay or both")
 	}
 }
 

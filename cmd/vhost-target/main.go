@@ -22,6 +22,9 @@ import (
 	"time"
 
 	"vhost-target/bdev"
+	"vhost-target/bdev/aio"
+	"vhost-target/bdev/errbdev"
+	"vhost-target/bdev/file"
 	"vhost-target/bdev/malloc"
 	"vhost-target/config"
 	"vhost-target/reactor"
@@ -128,7 +131,7 @@ func start(cfg *config.Config, log *slog.Logger) (t *target, err error) {
 	}
 	bdevs := map[string]bdev.Bdev{}
 	for _, b := range cfg.Bdevs {
-		d, err := openBdev(&b)
+		d, err := openBdev(&b, bdevs, log)
 		if err != nil {
 			return t, err
 		}
@@ -179,12 +182,41 @@ func start(cfg *config.Config, log *slog.Logger) (t *target, err error) {
 	return t, nil
 }
 
-func openBdev(b *config.Bdev) (bdev.Bdev, error) {
+// openBdev opens one configured bdev; opened holds those opened before it
+// (an error bdev's base is defined earlier, config checks that).
+func openBdev(b *config.Bdev, opened map[string]bdev.Bdev, log *slog.Logger) (bdev.Bdev, error) {
 	switch b.Type {
 	case config.TypeMalloc:
 		return malloc.New(b.Name, b.Size, b.BlockSize, b.UUID)
+	case config.TypeFile:
+		return file.New(file.Config{Name: b.Name, Path: b.Path, Size: b.Size, BlockSize: b.BlockSize, Create: b.Create,
+			ReadOnly: b.ReadOnly, Workers: b.Workers, QueueDepth: b.QueueDepth, UUID: b.UUID})
+	case config.TypeAIO:
+		d, err := aio.New(aio.Config{Name: b.Name, Path: b.Path, Size: b.Size, BlockSize: b.BlockSize, Create: b.Create,
+			ReadOnly: b.ReadOnly, Engine: b.Engine, QueueDepth: b.QueueDepth, UUID: b.UUID, Logger: log})
+		if err == nil {
+			log.Info("aio bdev engine", "bdev", b.Name, "engine", d.Engine())
+		}
+		return d, err
+	case config.TypeError:
+		return openErrorBdev(b, opened[b.Base])
 	}
-	return nil, fmt.Errorf("bdev %q: type %q is not available in this build yet", b.Name, b.Type)
+	return nil, fmt.Errorf("bdev %q: type %q is not available in this build", b.Name, b.Type)
+}
+
+func openErrorBdev(b *config.Bdev, base bdev.Bdev) (bdev.Bdev, error) {
+	rules := make([]errbdev.Rule, len(b.Inject))
+	for i, in := range b.Inject {
+		op, ok := errbdev.ParseOp(in.Op)
+		if !ok {
+			return nil, fmt.Errorf("bdev %q: inject[%d]: unknown op %q", b.Name, i, in.Op)
+		}
+		rules[i] = errbdev.Rule{Op: op, LBAStart: in.LBAStart, LBACount: in.LBACount, Delay: in.Delay}
+		if in.Error == config.InjectEIO {
+			rules[i].Err = bdev.ErrIO
+		}
+	}
+	return errbdev.New(errbdev.Config{Name: b.Name, Base: base, Rules: rules, UUID: b.UUID})
 }
 
 // stop closes controllers (each drains its in-flight I/O before closing its
