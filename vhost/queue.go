@@ -74,6 +74,7 @@ type queue struct {
 	stopping bool
 	stopCh   chan uint16 // set by stop; the reactor sends the final avail index
 	now      int64       // time of the current Poll: one clock read per poll, not per request
+	wakeFDs  []int       // adaptive mode: completion eventfd per channel (-1 none), watched by the reactor
 
 	// Counters written only by the owning reactor; read through reactor.Call.
 	rq    int // request queue number (vring index - 2)
@@ -119,6 +120,20 @@ func startQueue(s *session, v *vring, vq *virtq.Queue) (*queue, error) {
 	err := r.Call(func() {
 		if q.kick >= 0 && r.Mode() == reactor.Adaptive {
 			r.WatchFD(q.kick)
+		}
+		if r.Mode() == reactor.Adaptive {
+			// Channels that can signal completions let the reactor sleep
+			// while their IOs are in flight; EventFD is called on the
+			// reactor because the channel is the reactor's.
+			q.wakeFDs = make([]int, len(q.chans))
+			for i, ch := range q.chans {
+				q.wakeFDs[i] = -1
+				if w, ok := ch.(bdev.Waker); ok {
+					if fd := w.EventFD(); fd >= 0 && r.WatchFD(fd) == nil {
+						q.wakeFDs[i] = fd
+					}
+				}
+			}
 		}
 		q.vq.SetNotification(false) // we poll; Arm enables kicks before an adaptive sleep
 		r.AddPoller(q)
@@ -172,6 +187,11 @@ func (q *queue) finishStop() {
 	}
 	if q.kick >= 0 && q.r.Mode() == reactor.Adaptive {
 		q.r.UnwatchFD(q.kick)
+	}
+	for _, fd := range q.wakeFDs {
+		if fd >= 0 {
+			q.r.UnwatchFD(fd)
+		}
 	}
 	q.r.RemovePoller(q)
 	q.stopCh <- q.vq.LastAvail()
@@ -268,7 +288,7 @@ func (q *queue) signal() {
 
 // Arm lets an adaptive reactor sleep: enable kicks, then look again.
 func (q *queue) Arm() bool {
-	if q.inflight > 0 || q.stopping || q.kick < 0 {
+	if q.stopping || q.kick < 0 || !q.canSleepInFlight() {
 		return false
 	}
 	if q.broken {
@@ -286,6 +306,28 @@ func (q *queue) Disarm() {
 	q.vq.SetNotification(false)
 	var b [8]byte
 	unix.Read(q.kick, b[:])
+	for _, fd := range q.wakeFDs {
+		if fd >= 0 {
+			unix.Read(fd, b[:])
+		}
+	}
+}
+
+// canSleepInFlight reports whether every IO in flight will wake the reactor
+// when it completes: each busy channel has a watched completion eventfd.
+func (q *queue) canSleepInFlight() bool {
+	if q.inflight == 0 {
+		return true
+	}
+	if q.wakeFDs == nil {
+		return false
+	}
+	for i, ch := range q.chans {
+		if ch.InFlight() > 0 && q.wakeFDs[i] < 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // execute parses a chain as a virtio-scsi command and runs it.
