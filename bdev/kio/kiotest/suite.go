@@ -66,7 +66,7 @@ func testRandom(t *testing.T, f Factory) {
 			if !info.WriteCache || !info.Unmap || !info.UnmapZeroes || !info.WriteZeroes || info.ReadOnly {
 				t.Fatalf("info = %+v", info)
 			}
-			ops := 1500
+			ops := 800
 			if testing.Short() {
 				ops = 300
 			}
