@@ -34,11 +34,17 @@ fuzz-short:
 	$(GO) test -run '^$$' -fuzz '^FuzzExecute$$' -fuzztime 10s -fuzzminimizetime 3s ./scsi
 	$(GO) test -run '^$$' -fuzz '^FuzzPop$$' -fuzztime 10s -fuzzminimizetime 3s ./vhost/virtq
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 10s -fuzzminimizetime 3s ./config
+	$(GO) test -run '^$$' -fuzz '^FuzzProto$$' -fuzztime 10s -fuzzminimizetime 3s ./vhost/proto
+	$(GO) test -run '^$$' -fuzz '^FuzzMessages$$' -fuzztime 10s -fuzzminimizetime 2s ./vhost
+	$(GO) test -run '^$$' -fuzz '^FuzzRequest$$' -fuzztime 10s -fuzzminimizetime 2s ./vhost
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzExecute$$' -fuzztime 5m -fuzzminimizetime 10s ./scsi
 	$(GO) test -run '^$$' -fuzz '^FuzzPop$$' -fuzztime 5m -fuzzminimizetime 10s ./vhost/virtq
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 5m -fuzzminimizetime 10s ./config
+	$(GO) test -run '^$$' -fuzz '^FuzzProto$$' -fuzztime 5m -fuzzminimizetime 10s ./vhost/proto
+	$(GO) test -run '^$$' -fuzz '^FuzzMessages$$' -fuzztime 5m -fuzzminimizetime 2s ./vhost
+	$(GO) test -run '^$$' -fuzz '^FuzzRequest$$' -fuzztime 5m -fuzzminimizetime 2s ./vhost
 
 # Real-guest tests: build (or reuse) the guest image, boot QEMU guests against
 # the target. Needs root on Debian 12; installs QEMU and tools with apt-get.

@@ -115,14 +115,14 @@ func (ft *fuzzTarget) goodTUR(t *testing.T) {
 // Message program ops (FuzzMessages). Each op starts with an opcode byte and
 // reads the bytes it needs; a program ends when its input does.
 const (
-	opRaw      = iota // req, flags, len, payload[len], fdmask: any message
-	opMemTable        // sel, delta: the front-end's real table, one field changed
-	opVringAddr       // ring, sel, delta: the front-end's real ring addresses, one changed
-	opState           // which, ring, num16: SET_VRING_NUM/BASE, GET_VRING_BASE, SET_VRING_ENABLE
-	opFD              // which, ring, fdsel: SET_VRING_KICK/CALL/ERR
-	opU64             // which, value64: SET_FEATURES, SET_PROTOCOL_FEATURES
-	opHelper          // which: a front-end step (negotiate, start, I/O, stop, reset)
-	opKick            // ring, fdsel: a TUR chain on the ring, kicked through a pool eventfd
+	opRaw       = iota // req, flags, len, payload[len], fdmask: any message
+	opMemTable         // sel, delta: the front-end's real table, one field changed
+	opVringAddr        // ring, sel, delta: the front-end's real ring addresses, one changed
+	opState            // which, ring, num16: SET_VRING_NUM/BASE, GET_VRING_BASE, SET_VRING_ENABLE
+	opFD               // which, ring, fdsel: SET_VRING_KICK/CALL/ERR
+	opU64              // which, value64: SET_FEATURES, SET_PROTOCOL_FEATURES
+	opHelper           // which: a front-end step (negotiate, start, I/O, stop, reset)
+	opKick             // ring, fdsel: a TUR chain on the ring, kicked through a pool eventfd
 	numOps
 )
 
