@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"runtime/pprof"
 	"syscall"
 	"time"
 
@@ -43,6 +44,7 @@ func run(args []string) int {
 	cfgPath := fs.String("c", "", "configuration file (TOML); without it a built-in default is used")
 	check := fs.Bool("check", false, "validate the configuration and exit")
 	level := fs.String("log-level", "info", "log level: debug, info, warn, error")
+	cpuprofile := fs.String("cpuprofile", "", "write a CPU profile (pprof) to this file until shutdown")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -68,6 +70,18 @@ func run(args []string) int {
 	if *check {
 		fmt.Printf("%s: configuration is valid (%d bdevs, %d controllers)\n", srcName(*cfgPath), len(cfg.Bdevs), len(cfg.Controllers))
 		return 0
+	}
+	if *cpuprofile != "" {
+		f, err := os.Create(*cpuprofile)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "vhost-target: -cpuprofile: %v\n", err)
+			return 1
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fmt.Fprintf(os.Stderr, "vhost-target: -cpuprofile: %v\n", err)
+			return 1
+		}
+		defer func() { pprof.StopCPUProfile(); f.Close() }()
 	}
 	t, err := start(cfg, log)
 	if err != nil {
