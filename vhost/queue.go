@@ -72,6 +72,7 @@ type queue struct {
 	scratch  []byte
 	broken   bool
 	stopping bool
+	stopTake int         // chains a stopping queue may still take (see stop)
 	stopCh   chan uint16 // set by stop; the reactor sends the final avail index
 	now      int64       // time of the current Poll: one clock read per poll, not per request
 	wakeFDs  []int       // adaptive mode: completion eventfd per channel (-1 none), watched by the reactor
@@ -156,7 +157,13 @@ func (q *queue) setCall(fd int) { q.r.Call(func() { q.call = fd }) }
 // published), removes it, and returns the next avail index.
 func (q *queue) stop() uint16 {
 	ch := make(chan uint16, 1)
-	if err := q.r.Call(func() { q.stopping, q.stopCh = true, ch; q.Poll() }); err != nil {
+	// Chains the driver made available before the stop are still taken and
+	// completed (at most one ring's worth, so a driver that keeps adding
+	// cannot hold the stop): a reactor descheduled for a moment must not
+	// leave requests that were kicked before a SIGTERM without a used
+	// element. Processing available buffers before GET_VRING_BASE answers is
+	// allowed; the base it returns counts them.
+	if err := q.r.Call(func() { q.stopping, q.stopCh, q.stopTake = true, ch, int(q.vq.Size()); q.Poll() }); err != nil {
 		// The reactor is gone: nothing runs the queue any more.
 		ch <- q.vq.LastAvail()
 	}
@@ -208,15 +215,36 @@ func (q *queue) Poll() int {
 		}
 	}
 	if q.stopping {
+		if q.stopTake > 0 {
+			if q.broken || !q.vq.HasAvail() {
+				q.stopTake = 0 // everything available is taken: accept no more
+			} else {
+				n, taken := q.take(min(popBatch, q.stopTake))
+				work += n
+				q.stopTake -= taken
+			}
+		}
 		if q.pending > 0 {
 			q.publish()
 		}
-		if q.inflight == 0 {
+		if q.inflight == 0 && q.stopTake == 0 {
 			q.finishStop()
 		}
 		return work
 	}
-	for i := 0; i < popBatch && !q.broken && len(q.free) > 0; i++ {
+	n, _ := q.take(popBatch)
+	work += n
+	if q.pending > 0 {
+		q.publish()
+	}
+	q.st.Polls++
+	return work
+}
+
+// take pops and starts up to max chains. It returns the requests started
+// and the chains consumed (malformed ones included).
+func (q *queue) take(max int) (started, taken int) {
+	for ; taken < max && !q.broken && len(q.free) > 0; taken++ {
 		r := q.free[len(q.free)-1]
 		ok, err := q.vq.Pop(&r.chain)
 		if err != nil {
@@ -234,14 +262,10 @@ func (q *queue) Poll() int {
 		q.heads[h/64] |= 1 << (h % 64)
 		q.free = q.free[:len(q.free)-1]
 		q.inflight++
-		work++
+		started++
 		q.execute(r)
 	}
-	if q.pending > 0 {
-		q.publish()
-	}
-	q.st.Polls++
-	return work
+	return started, taken
 }
 
 func (q *queue) popError(r *request, err error) {
