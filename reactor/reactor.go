@@ -15,6 +15,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	_ "unsafe" // for go:linkname
 
 	"golang.org/x/sys/unix"
 )
@@ -142,10 +143,17 @@ const msgBatch = 8
 // publishing them to the atomic Stats (atomic adds cost a locked instruction).
 const statsFlush = 256
 
-var epoch = time.Now()
+// nanotime is the runtime's monotonic clock (one vDSO read; time.Now reads
+// the wall clock too, which doubles the cost of every loop iteration). The
+// runtime keeps this linkname stable because many packages use it.
+//
+//go:linkname nanotime runtime.nanotime
+func nanotime() int64
 
-// monotonic returns nanoseconds since process start from the vDSO clock.
-func monotonic() int64 { return int64(time.Since(epoch)) + 1 }
+var epoch = nanotime()
+
+// monotonic returns nanoseconds since process start, never 0.
+func monotonic() int64 { return nanotime() - epoch + 1 }
 
 // Now returns the time of the current loop iteration (monotonic ns, never 0).
 // Pollers use it instead of reading the clock per request.
