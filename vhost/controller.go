@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
 	"sort"
 	"sync"
 
@@ -129,11 +130,30 @@ func (c *Controller) Name() string { return c.cfg.Name }
 func (c *Controller) SocketPath() string { return c.cfg.SocketPath }
 
 // Listen creates the socket (replacing a stale one) and starts accepting.
+//
+// Whoever can connect to the socket can make the target map memory and run
+// I/O, so the path is checked first: its directory must not be writable by
+// everyone unless it has the sticky bit (as /tmp does), or another user could
+// swap the socket for their own between our checks and QEMU's connect. An
+// existing path is never followed: Lstat sees a symlink as what it is, and
+// only a stale socket is ever removed.
 func (c *Controller) Listen() error {
 	path := c.cfg.SocketPath
+	dir := filepath.Dir(path)
+	di, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("vhost: controller %q: socket directory: %w", c.cfg.Name, err)
+	}
+	if !di.IsDir() {
+		return fmt.Errorf("vhost: controller %q: socket directory %s is not a directory", c.cfg.Name, dir)
+	}
+	if di.Mode().Perm()&0o002 != 0 && di.Mode()&os.ModeSticky == 0 {
+		return fmt.Errorf("vhost: controller %q: socket directory %s is world-writable without the sticky bit (mode %v): any user could replace the socket",
+			c.cfg.Name, dir, di.Mode())
+	}
 	if fi, err := os.Lstat(path); err == nil {
 		if fi.Mode()&os.ModeSocket == 0 {
-			return fmt.Errorf("vhost: controller %q: %s exists and is not a socket", c.cfg.Name, path)
+			return fmt.Errorf("vhost: controller %q: %s exists and is not a socket (%v); not touching it", c.cfg.Name, path, fi.Mode().Type())
 		}
 		// A socket file left by a previous run: refuse if something still listens on it.
 		if conn, err := net.Dial("unix", path); err == nil {

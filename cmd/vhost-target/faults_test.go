@@ -381,4 +381,3 @@ func TestSignalDuringIO(t *testing.T) {
 		})
 	}
 }
-

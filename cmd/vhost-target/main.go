@@ -189,6 +189,11 @@ func start(cfg *config.Config, log *slog.Logger) (t *target, err error) {
 		}
 		t.metrics = &http.Server{Handler: metricsHandler(t), ReadHeaderTimeout: 10 * time.Second}
 		t.metricsAddr = ln.Addr().String()
+		if a, ok := ln.Addr().(*net.TCPAddr); ok && !a.IP.IsLoopback() {
+			// /metrics has no authentication and names every controller and bdev.
+			log.Warn("metrics endpoint listens beyond loopback: anyone who can reach it reads the target's layout and load",
+				"listen", t.metricsAddr)
+		}
 		go t.metrics.Serve(ln)
 		log.Info("metrics listening", "url", "http://"+ln.Addr().String()+"/metrics")
 	}
