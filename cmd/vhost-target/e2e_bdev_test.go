@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"vhost-target/cmd/vhost-target/guest"
+	"vhost-target/vhost"
 )
 
 // backingDir is a directory on a real filesystem (O_DIRECT fails on tmpfs).
@@ -93,5 +94,68 @@ echo bdev-ok
 				t.Errorf("LUN %s: %d errors of kind %d", l.Bdev, v, k)
 			}
 		}
+	}
+}
+
+// TestGuestInjectedErrors (issue 6): an error bdev fails reads of a range with
+// EIO and delays writes; the guest gets an I/O error (MEDIUM ERROR) for the
+// bad range and does not hang, the rest of the disk works, and the target's
+// error counter moved.
+func TestGuestInjectedErrors(t *testing.T) {
+	img := guestImage(t)
+	tg := startTarget(t, `
+[metrics]
+listen = ""
+[reactors]
+cpus = [0]
+poll = "adaptive"
+[[bdev]]
+name = "m"
+type = "malloc"
+size = "16MiB"
+[[bdev]]
+name = "e"
+type = "error"
+base = "m"
+[[bdev.inject]]
+op = "read"
+lba_start = 2048
+lba_count = 8
+error = "eio"
+[[bdev.inject]]
+op = "write"
+delay = "20ms"
+[[controller]]
+name = "c0"
+num_queues = 1
+[[controller.lun]]
+target = 0
+lun = 0
+bdev = "e"
+`)
+	res := runGuest(t, img, guest.Options{
+		Controllers: []guest.Controller{{Socket: tg.sock("c0"), NumQueues: 1}},
+		Script: `set -e
+dd if=/dev/zero of=/dev/sda bs=4096 count=16 oflag=direct 2>/dev/null
+dd if=/dev/sda of=/dev/null bs=4096 count=16 iflag=direct 2>/dev/null
+if dd if=/dev/sda of=/dev/null bs=512 skip=2048 count=8 iflag=direct 2>/tmp/err; then
+  echo "read of the injected range succeeded"; exit 1
+fi
+echo "@@@ readerr"; cat /tmp/err
+dd if=/dev/sda of=/dev/null bs=512 skip=4096 count=8 iflag=direct 2>/dev/null
+echo "@@@ dmesg"; dmesg | grep -i -E 'sense|medium|error' | sed 's/^\[[^]]*\] //' | head -5
+echo "@@@ end"
+echo inject-ok
+`,
+	})
+	secs := sections(res.Console)
+	wantMatch(t, "dd error", section(t, secs, "readerr"), `(?i)no data available|input/output error` /* MEDIUM ERROR is BLK_STS_MEDIUM: ENODATA */)
+	wantMatch(t, "kernel log", section(t, secs, "dmesg"), `(?i)medium error|unrecovered read error`)
+	var medium uint64
+	for _, l := range tg.ctrl("c0").Stats.Snapshot().LUNs {
+		medium += l.Errors[vhost.ErrMedium]
+	}
+	if medium == 0 {
+		t.Fatal("the target counted no medium errors")
 	}
 }
