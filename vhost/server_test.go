@@ -188,6 +188,9 @@ func TestStopDrainsInFlight(t *testing.T) {
 	if g.held.Load() != 1 {
 		t.Fatal("write never reached the bdev")
 	}
+	if l := e.ctrls[0].Stats.Snapshot().LUNs[0]; l.InFlight != 1 {
+		t.Fatalf("LUN in flight = %d while one write is held in the bdev", l.InFlight)
+	}
 	reply := make(chan error, 1)
 	go func() { _, err := dev.GetVringBase(q.Index()); reply <- err }()
 	select {
