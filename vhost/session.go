@@ -223,6 +223,16 @@ func (s *session) setFeatures(m *proto.Msg) error {
 	return s.updateAll()
 }
 
+// vringState decodes a {index, num} payload and finds its vring.
+func (s *session) vringState(m *proto.Msg) (*vring, proto.VringState, error) {
+	st, err := proto.DecodeVringState(m)
+	if err != nil {
+		return nil, st, err
+	}
+	v, err := s.vringIndex(st.Index)
+	return v, st, err
+}
+
 func (s *session) vringIndex(idx uint32) (*vring, error) {
 	if idx >= uint32(len(s.vrings)) {
 		return nil, protoErr("vring index %d out of range (max %d)", idx, len(s.vrings)-1)
@@ -262,11 +272,7 @@ func (s *session) setMemTable(m *proto.Msg) error {
 }
 
 func (s *session) setVringNum(m *proto.Msg) error {
-	st, err := proto.DecodeVringState(m)
-	if err != nil {
-		return err
-	}
-	v, err := s.vringIndex(st.Index)
+	v, st, err := s.vringState(m)
 	if err != nil {
 		return err
 	}
@@ -309,11 +315,7 @@ func (s *session) setVringAddr(m *proto.Msg) error {
 }
 
 func (s *session) setVringBase(m *proto.Msg) error {
-	st, err := proto.DecodeVringState(m)
-	if err != nil {
-		return err
-	}
-	v, err := s.vringIndex(st.Index)
+	v, st, err := s.vringState(m)
 	if err != nil {
 		return err
 	}
@@ -330,11 +332,7 @@ func (s *session) setVringBase(m *proto.Msg) error {
 // getVringBase stops the ring, draining in-flight requests, then replies with
 // the next avail index (notes A.4).
 func (s *session) getVringBase(m *proto.Msg) error {
-	st, err := proto.DecodeVringState(m)
-	if err != nil {
-		return err
-	}
-	v, err := s.vringIndex(st.Index)
+	v, st, err := s.vringState(m)
 	if err != nil {
 		return err
 	}
@@ -397,11 +395,7 @@ func (s *session) setVringFD(m *proto.Msg) error {
 }
 
 func (s *session) setVringEnable(m *proto.Msg) error {
-	st, err := proto.DecodeVringState(m)
-	if err != nil {
-		return err
-	}
-	v, err := s.vringIndex(st.Index)
+	v, st, err := s.vringState(m)
 	if err != nil {
 		return err
 	}
