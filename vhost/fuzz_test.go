@@ -311,8 +311,13 @@ func alive(t *testing.T, d *frontend.Device) bool {
 	if err := d.Send(proto.GetConfig, proto.FlagVersion, p); err != nil {
 		return false
 	}
+	// A generous deadline of its own: the program's short Timeout keeps
+	// fuzzing fast, but a loaded machine must not pass for a hung session.
+	uc := d.Conn().UnixConn()
+	uc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	defer uc.SetReadDeadline(time.Time{})
 	for {
-		m, err := d.Recv()
+		m, err := d.Conn().Recv()
 		switch {
 		case err == nil:
 			m.CloseFDs()
