@@ -118,6 +118,9 @@ func startQueue(s *session, v *vring, vq *virtq.Queue) (*queue, error) {
 		}
 		q.chans[i] = ch
 	}
+	// Counted before the reactor runs it: a scrape right after the first
+	// request must see this queue's counters.
+	c.Stats.add(q)
 	err := r.Call(func() {
 		if q.kick >= 0 && r.Mode() == reactor.Adaptive {
 			r.WatchFD(q.kick)
@@ -143,9 +146,12 @@ func startQueue(s *session, v *vring, vq *virtq.Queue) (*queue, error) {
 		q.signal()
 	})
 	if err != nil {
+		c.Stats.retire(q)
+		for _, ch := range q.chans {
+			ch.Close()
+		}
 		return nil, protoErr("vring %d: reactor %d: %v", v.idx, r.ID(), err)
 	}
-	c.Stats.add(q)
 	s.log.Debug("request queue started", "vring", v.idx, "reactor", r.ID(), "size", vq.Size())
 	return q, nil
 }

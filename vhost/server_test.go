@@ -189,7 +189,8 @@ func TestStopDrainsInFlight(t *testing.T) {
 		t.Fatal("write never reached the bdev")
 	}
 	if l := e.ctrls[0].Stats.Snapshot().LUNs[0]; l.InFlight != 1 {
-		t.Fatalf("LUN in flight = %d while one write is held in the bdev", l.InFlight)
+		g.open.Store(true)
+		t.Fatalf("LUN in flight = %d while one write is held in the bdev: %+v", l.InFlight, e.ctrls[0].Stats.Snapshot())
 	}
 	reply := make(chan error, 1)
 	go func() { _, err := dev.GetVringBase(q.Index()); reply <- err }()
