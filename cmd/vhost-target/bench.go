@@ -304,6 +304,8 @@ func (w *benchWorker) run(stop *atomic.Bool) error {
 	q.SetInterrupts(false)
 	inflight := 0
 	done := w.done // one method value, not one per Reap
+	var idle uint64
+	var lastDone int64
 	for {
 		if !stop.Load() {
 			// One clock read per batch: submissions in a batch share a
@@ -325,6 +327,20 @@ func (w *benchWorker) run(stop *atomic.Bool) error {
 		w.now = 0 // read lazily, when the first completion of this batch is seen
 		n := q.Reap(done)
 		inflight -= n
+		if n > 0 {
+			idle = 0
+		} else if idle++; idle&0xffff == 0 && inflight > 0 {
+			// Checked every 65536 empty polls: a target that died or hung
+			// must not hang the load generator.
+			if lastDone == 0 {
+				lastDone = nanotime()
+			} else if nanotime()-lastDone > int64(benchStall) {
+				return fmt.Errorf("queue %d: %d requests got no completion for %v", q.Index()-2, inflight, benchStall)
+			}
+		}
+		if n > 0 {
+			lastDone = 0
+		}
 		if err := q.Err(); err != nil {
 			return err
 		}
@@ -332,6 +348,10 @@ func (w *benchWorker) run(stop *atomic.Bool) error {
 }
 
 const verifyMagic = 0x76687374 // "vhst"
+
+// benchStall is how long requests may go without any completion before the
+// bench gives up on the target.
+const benchStall = 10 * time.Second
 
 // nanotime is the runtime's monotonic clock: one vDSO read (time.Now reads
 // the wall clock as well).
