@@ -29,22 +29,25 @@ vet:
 unit: deps
 	$(GO) test $(GOTEST_FLAGS) -race -short $(PKGS)
 
-# A short run of every fuzz target (seed corpora always run as part of unit).
+# Every fuzz target as Name:package. Their seed corpora also run in `unit`.
+FUZZ_TARGETS := FuzzExecute:./scsi FuzzPop:./vhost/virtq FuzzParse:./config FuzzProto:./vhost/proto \
+	FuzzMessages:./vhost FuzzRequest:./vhost
+
+# fuzz-run TIME: fuzz each target for TIME (minimization bounded so a new
+# input cannot stall a short run).
+define fuzz-run
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		echo "fuzz $${t%%:*} for $(1)"; \
+		$(GO) test -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime $(1) -fuzzminimizetime 2s "$${t#*:}"; \
+	done
+endef
+
+# A short run of every fuzz target (part of `make test`).
 fuzz-short:
-	$(GO) test -run '^$$' -fuzz '^FuzzExecute$$' -fuzztime 10s -fuzzminimizetime 3s ./scsi
-	$(GO) test -run '^$$' -fuzz '^FuzzPop$$' -fuzztime 10s -fuzzminimizetime 3s ./vhost/virtq
-	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 10s -fuzzminimizetime 3s ./config
-	$(GO) test -run '^$$' -fuzz '^FuzzProto$$' -fuzztime 10s -fuzzminimizetime 3s ./vhost/proto
-	$(GO) test -run '^$$' -fuzz '^FuzzMessages$$' -fuzztime 10s -fuzzminimizetime 2s ./vhost
-	$(GO) test -run '^$$' -fuzz '^FuzzRequest$$' -fuzztime 10s -fuzzminimizetime 2s ./vhost
+	$(call fuzz-run,10s)
 
 fuzz:
-	$(GO) test -run '^$$' -fuzz '^FuzzExecute$$' -fuzztime 5m -fuzzminimizetime 10s ./scsi
-	$(GO) test -run '^$$' -fuzz '^FuzzPop$$' -fuzztime 5m -fuzzminimizetime 10s ./vhost/virtq
-	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 5m -fuzzminimizetime 10s ./config
-	$(GO) test -run '^$$' -fuzz '^FuzzProto$$' -fuzztime 5m -fuzzminimizetime 10s ./vhost/proto
-	$(GO) test -run '^$$' -fuzz '^FuzzMessages$$' -fuzztime 5m -fuzzminimizetime 2s ./vhost
-	$(GO) test -run '^$$' -fuzz '^FuzzRequest$$' -fuzztime 5m -fuzzminimizetime 2s ./vhost
+	$(call fuzz-run,5m)
 
 # Real-guest tests: build (or reuse) the guest image, boot QEMU guests against
 # the target. Needs root on Debian 12; installs QEMU and tools with apt-get.
