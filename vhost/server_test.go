@@ -18,6 +18,7 @@ import (
 	"vhost-target/reactor"
 	"vhost-target/vhost"
 	"vhost-target/vhost/frontend"
+	"vhost-target/vhost/proto"
 )
 
 // env is a target with one reactor and a controller per LUN layout.
@@ -217,4 +218,73 @@ func TestStopDrainsInFlight(t *testing.T) {
 	if !bytes.Equal(g.Bytes()[3*512:4*512], bytes.Repeat([]byte{0x5a}, 512)) {
 		t.Fatal("drained write did not reach the disk")
 	}
+}
+
+// TestMemSlots drives CONFIGURE_MEM_SLOTS the way QEMU 7.2 does once it is
+// negotiated: GET_MAX_MEM_SLOTS, then one ADD_MEM_REG per region instead of
+// SET_MEM_TABLE; I/O then runs on buffers in both regions. A REM_MEM_REG and
+// a re-ADD while the rings run (memory hot-unplug and plug) keep them serving.
+func TestMemSlots(t *testing.T) {
+	e := newEnv(t, 1, reactor.Busy)
+	d := e.disk("m0", 8<<20, 512)
+	sock := e.controller("c0", 1, lun(0, 0, d))
+	dev, err := frontend.NewUnstarted(sock, frontend.Options{Regions: 2, MemSize: 64 << 20,
+		ProtocolMask: 1<<proto.PFMQ | 1<<proto.PFReplyAck | 1<<proto.PFResetDevice | 1<<proto.PFConfigureMemSlots})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	if err := dev.Negotiate(); err != nil {
+		t.Fatal(err)
+	}
+	if dev.ProtocolFeatures()&(1<<proto.PFConfigureMemSlots) == 0 {
+		t.Fatal("CONFIGURE_MEM_SLOTS not offered")
+	}
+	m, err := dev.Call(proto.GetMaxMemSlots, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := proto.U64(m); n < 8 {
+		t.Fatalf("GET_MAX_MEM_SLOTS = %d", n)
+	}
+	if err := dev.SetFeatures(dev.OfferedFeatures() &^ (1 << proto.FVirtioSCSIT10PI)); err != nil {
+		t.Fatal(err)
+	}
+	regs, fds := dev.MemTable(), dev.MemFDs()
+	add := func(i int) {
+		t.Helper()
+		if err := dev.Message(proto.AddMemReg, true, proto.EncodeSingleRegion(regs[i]), fds[i]); err != nil {
+			t.Fatalf("ADD_MEM_REG %d: %v", i, err)
+		}
+	}
+	add(0)
+	add(1)
+	for i := 0; i < dev.NumVrings(); i++ {
+		if err := dev.StartRing(i); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := dev.EnableRings(true); err != nil {
+		t.Fatal(err)
+	}
+	verify := func(lba uint32, gpa uint64) {
+		t.Helper()
+		data := make([]byte, 4096)
+		rand.Read(data)
+		if r, err := dev.Do(frontend.Command{CDB: rw10(0x2a, lba, 8), DataOut: data, DataGPA: gpa}); err != nil || r.Status != 0 || r.Response != 0 {
+			t.Fatalf("write via gpa %#x: %v %+v", gpa, err, r)
+		}
+		r, err := dev.Do(frontend.Command{CDB: rw10(0x28, lba, 8), DataInLen: len(data)})
+		if err != nil || r.Status != 0 || !bytes.Equal(r.DataIn, data) {
+			t.Fatalf("read back: %v %+v", err, r)
+		}
+	}
+	hi := regs[1].GPA + regs[1].Size - 64<<10 // a buffer in the second region
+	verify(0, hi)
+	// Hot-unplug and re-plug the second region while the rings run.
+	if err := dev.Message(proto.RemMemReg, true, proto.EncodeSingleRegion(proto.MemRegion{GPA: regs[1].GPA, Size: regs[1].Size, UVA: regs[1].UVA})); err != nil {
+		t.Fatalf("REM_MEM_REG: %v", err)
+	}
+	add(1)
+	verify(16, hi)
 }

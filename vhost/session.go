@@ -21,7 +21,11 @@ import (
 const (
 	offeredFeatures = 1<<proto.FVersion1 | 1<<proto.FRingIndirectDesc | 1<<proto.FRingEventIdx |
 		1<<proto.FProtocolFeatures | 1<<proto.FVirtioSCSIHotplug | 1<<proto.FVirtioSCSIChange
-	offeredProtocolFeatures = 1<<proto.PFMQ | 1<<proto.PFReplyAck | 1<<proto.PFResetDevice
+	offeredProtocolFeatures = 1<<proto.PFMQ | 1<<proto.PFReplyAck | 1<<proto.PFResetDevice |
+		1<<proto.PFConfigureMemSlots
+	// maxMemSlots answers GET_MAX_MEM_SLOTS: regions ADD_MEM_REG may build up
+	// (QEMU caps it at its own 512 slots; libvhost-user and rust-vmm use 509).
+	maxMemSlots = guestmem.MaxRegions
 	// refusedFeatures would change the ring format or address translation; we
 	// implement neither, so a front-end that insists is refused (notes A.5).
 	refusedFeatures = 1<<proto.FRingPacked | 1<<proto.FAccessPlatform | 1<<proto.FVirtioSCSIT10PI
@@ -120,8 +124,10 @@ func wantFDs(m *proto.Msg) (min, max int) {
 			return 0, 0
 		}
 		return 1, 1
-	case proto.SetLogFD, proto.SetBackendReqFD:
+	case proto.SetLogFD, proto.SetBackendReqFD, proto.AddMemReg:
 		return 1, 1
+	case proto.RemMemReg:
+		return 0, 1 // QEMU before 7.1 sent the region's fd; the spec now says none
 	}
 	return 0, 0
 }
@@ -162,6 +168,13 @@ func (s *session) handle(m *proto.Msg) error {
 		s.reset()
 	case proto.SetMemTable:
 		err = s.setMemTable(m)
+	case proto.GetMaxMemSlots:
+		if len(m.Payload) != 0 && len(m.Payload) != 8 {
+			return protoErr("GET_MAX_MEM_SLOTS with %d payload bytes", len(m.Payload))
+		}
+		err, replied = s.conn.ReplyU64(m.Request, maxMemSlots), true
+	case proto.AddMemReg, proto.RemMemReg:
+		err = s.changeMemReg(m)
 	case proto.SetVringNum:
 		err = s.setVringNum(m)
 	case proto.SetVringAddr:
@@ -263,6 +276,37 @@ func (s *session) setMemTable(m *proto.Msg) error {
 		s.mem.Close()
 	}
 	s.mem = t
+	for _, v := range running {
+		if err := s.update(v); err != nil {
+			return err
+		}
+	}
+	return s.updateAll()
+}
+
+// changeMemReg handles ADD_MEM_REG and REM_MEM_REG (CONFIGURE_MEM_SLOTS):
+// QEMU sends these instead of SET_MEM_TABLE once the feature is negotiated,
+// one region at a time, also while rings run (memory hotplug). Like a changed
+// SET_MEM_TABLE, the rings are drained and stopped around the change.
+func (s *session) changeMemReg(m *proto.Msg) error {
+	r, err := proto.DecodeSingleRegion(m)
+	if err != nil {
+		return err
+	}
+	gr := guestmem.Region{GPA: r.GPA, Size: r.Size, UVA: r.UVA, MmapOffset: r.MmapOffset}
+	running := s.stopAll()
+	var t *guestmem.Table
+	if m.Request == proto.AddMemReg {
+		t, err = guestmem.Add(s.mem, gr, m.FDs[0])
+	} else {
+		t, err = guestmem.Remove(s.mem, gr)
+	}
+	if err != nil {
+		return protoErr("%v: %v", m.Request, err)
+	}
+	s.mem = t
+	s.log.Debug("memory region changed", "request", m.Request.String(), "gpa", r.GPA, "size", r.Size,
+		"regions", len(t.Regions()))
 	for _, v := range running {
 		if err := s.update(v); err != nil {
 			return err

@@ -141,31 +141,89 @@ func Map(regions []Region, fds []int) (_ *Table, err error) {
 		}
 	}()
 	for i, r := range regions {
-		var st unix.Stat_t
-		if err := unix.Fstat(fds[i], &st); err != nil {
-			return nil, &RegionError{i, r, fmt.Errorf("fstat fd %d: %w", fds[i], err)}
+		if t.regions[i], err = mapRegion(i, r, fds[i]); err != nil {
+			return nil, err
 		}
-		end := r.MmapOffset + r.Size // cannot overflow: validate checked it
-		if st.Mode&unix.S_IFMT == unix.S_IFREG && (st.Size < 0 || end > uint64(st.Size)) {
-			return nil, &RegionError{i, r, fmt.Errorf("%w: file has %d bytes", ErrBeyondFile, st.Size)}
-		}
-		blk := uint64(st.Blksize)
-		if blk == 0 || blk&(blk-1) != 0 {
-			blk = uint64(unix.Getpagesize())
-		}
-		length := (end + blk - 1) &^ (blk - 1)
-		if length < end || length > math.MaxInt {
-			return nil, &RegionError{i, r, fmt.Errorf("%w: mapping length", ErrOverflow)}
-		}
-		m, err := unix.Mmap(fds[i], 0, int(length), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-		if err != nil {
-			return nil, &RegionError{i, r, fmt.Errorf("mmap fd %d length %#x: %w", fds[i], length, err)}
-		}
-		t.regions[i] = region{Region: r, host: m[r.MmapOffset:end:end], mapping: m,
-			dev: uint64(st.Dev), ino: uint64(st.Ino)}
 	}
 	t.index()
 	return t, nil
+}
+
+// mapRegion maps one validated region (index i, for errors) from fd.
+func mapRegion(i int, r Region, fd int) (region, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return region{}, &RegionError{i, r, fmt.Errorf("fstat fd %d: %w", fd, err)}
+	}
+	end := r.MmapOffset + r.Size // cannot overflow: validate checked it
+	if st.Mode&unix.S_IFMT == unix.S_IFREG && (st.Size < 0 || end > uint64(st.Size)) {
+		return region{}, &RegionError{i, r, fmt.Errorf("%w: file has %d bytes", ErrBeyondFile, st.Size)}
+	}
+	blk := uint64(st.Blksize)
+	if blk == 0 || blk&(blk-1) != 0 {
+		blk = uint64(unix.Getpagesize())
+	}
+	length := (end + blk - 1) &^ (blk - 1)
+	if length < end || length > math.MaxInt {
+		return region{}, &RegionError{i, r, fmt.Errorf("%w: mapping length", ErrOverflow)}
+	}
+	m, err := unix.Mmap(fd, 0, int(length), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return region{}, &RegionError{i, r, fmt.Errorf("mmap fd %d length %#x: %w", fd, length, err)}
+	}
+	return region{Region: r, host: m[r.MmapOffset:end:end], mapping: m, dev: uint64(st.Dev), ino: uint64(st.Ino)}, nil
+}
+
+// ErrNoSuchRegion is returned by Remove for a region the table does not hold.
+var ErrNoSuchRegion = errors.New("guestmem: no such region")
+
+// Add maps one more region (vhost-user ADD_MEM_REG) and returns a table with
+// t's regions and the new one; t may be nil (no table yet). The mappings move:
+// on success t is left empty, so closing it unmaps nothing the new table uses.
+// The caller must have quiesced every user of t. On error t is unchanged.
+func Add(t *Table, r Region, fd int) (*Table, error) {
+	var old []region
+	if t != nil {
+		old = t.regions
+	}
+	all := make([]Region, 0, len(old)+1)
+	for _, o := range old {
+		all = append(all, o.Region)
+	}
+	all = append(all, r)
+	if err := validate(all); err != nil {
+		return nil, err
+	}
+	nr, err := mapRegion(len(old), r, fd)
+	if err != nil {
+		return nil, err
+	}
+	n := &Table{regions: append(append(make([]region, 0, len(old)+1), old...), nr)}
+	n.index()
+	if t != nil {
+		t.regions, t.byGPA, t.byUVA = nil, nil, nil
+	}
+	return n, nil
+}
+
+// Remove unmaps the region with r's guest address, size and front-end
+// address (vhost-user REM_MEM_REG; mmap_offset is not compared) and returns
+// a table with the rest. The mappings move as in Add. On error t is unchanged.
+func Remove(t *Table, r Region) (*Table, error) {
+	if t != nil {
+		for i, o := range t.regions {
+			if o.GPA != r.GPA || o.Size != r.Size || o.UVA != r.UVA {
+				continue
+			}
+			n := &Table{regions: append(append(make([]region, 0, len(t.regions)-1), t.regions[:i]...), t.regions[i+1:]...)}
+			n.index()
+			gone := &Table{regions: []region{o}}
+			t.regions, t.byGPA, t.byUVA = nil, nil, nil
+			gone.Close() // munmap of a mapping we made cannot fail short of a bug
+			return n, nil
+		}
+	}
+	return nil, &RegionError{-1, r, ErrNoSuchRegion}
 }
 
 // validate checks what can be checked without the backing: count, sizes, overflow and overlaps.

@@ -379,3 +379,62 @@ func twoRegionsAppend(t *testing.T, max int) ([][]byte, error) {
 	tb, _ := twoRegions(t)
 	return tb.AppendGPA(nil, 0x1000, 1, max)
 }
+
+// TestAddRemove grows a table one region at a time (ADD_MEM_REG), removes
+// one (REM_MEM_REG), and checks lookups, refusals and that mappings move
+// rather than leak or get unmapped under the new table.
+func TestAddRemove(t *testing.T) {
+	base := memfdMappings(t)
+	a, b := memfd(t, 1<<20), memfd(t, 2<<20)
+	ra := Region{GPA: 0, Size: 1 << 20, UVA: 0x10000000}
+	rb := Region{GPA: 1 << 20, Size: 2 << 20, UVA: 0x20000000}
+	t1, err := Add(nil, ra, a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mem, _ := t1.GPA(0, 4)
+	copy(mem, "abcd")
+	t2, err := Add(t1, rb, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := t1.GPA(0, 1); !errors.Is(err, ErrUnmapped) {
+		t.Fatalf("old table still answers after Add: %v", err)
+	}
+	t1.Close() // must not unmap what t2 now owns
+	if got, err := t2.GPA(0, 4); err != nil || string(got) != "abcd" {
+		t.Fatalf("region A after Add: %q %v", got, err)
+	}
+	if _, err := t2.GPA(1<<20+100, 8); err != nil {
+		t.Fatalf("region B: %v", err)
+	}
+	if _, err := Add(t2, Region{GPA: 1 << 19, Size: 1 << 20, UVA: 0x30000000}, a); !errors.Is(err, ErrOverlap) {
+		t.Fatalf("overlapping ADD: %v", err)
+	}
+	if _, err := t2.GPA(0, 1); err != nil {
+		t.Fatalf("a refused Add changed the table: %v", err)
+	}
+	if got := memfdMappings(t) - base; got != 2 {
+		t.Fatalf("%d memfd mappings, want 2", got)
+	}
+	if _, err := Remove(t2, Region{GPA: 5 << 20, Size: 1, UVA: 1}); !errors.Is(err, ErrNoSuchRegion) {
+		t.Fatalf("removing an unknown region: %v", err)
+	}
+	t3, err := Remove(t2, ra)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := t3.GPA(0, 1); !errors.Is(err, ErrUnmapped) {
+		t.Fatalf("removed region still mapped: %v", err)
+	}
+	if _, err := t3.GPA(1<<20, 1); err != nil {
+		t.Fatalf("remaining region: %v", err)
+	}
+	if got := memfdMappings(t) - base; got != 1 {
+		t.Fatalf("%d memfd mappings after Remove, want 1", got)
+	}
+	t3.Close()
+	if got := memfdMappings(t) - base; got != 0 {
+		t.Fatalf("%d memfd mappings left after Close", got)
+	}
+}
