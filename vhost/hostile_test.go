@@ -437,6 +437,28 @@ func msgCases() []msgCase {
 					fd, fd, fd, fd, fd, fd, fd, fd, fd)
 			}, want: "control message truncated"},
 
+		// CONFIGURE_MEM_SLOTS: bad single regions.
+		{name: "ADD_MEM_REG overlapping the table", setup: setupMemory,
+			send: func(t *testing.T, d *frontend.Device) {
+				r := d.MemTable()[0]
+				r.UVA += 1 << 40 // only the guest range overlaps
+				sendRaw(t, d, proto.AddMemReg, proto.FlagVersion, proto.EncodeSingleRegion(r), d.MemFDs()[0])
+			}, want: "regions overlap: gpa range"},
+		{name: "ADD_MEM_REG without an fd", setup: setupNegotiate,
+			send: msgOnly(proto.AddMemReg, proto.EncodeSingleRegion(proto.MemRegion{Size: 4096, UVA: 4096})),
+			want: "0 fds attached"},
+		{name: "ADD_MEM_REG zero size", setup: setupNegotiate,
+			send: func(t *testing.T, d *frontend.Device) {
+				sendRaw(t, d, proto.AddMemReg, proto.FlagVersion, proto.EncodeSingleRegion(proto.MemRegion{UVA: 4096}), d.MemFDs()[0])
+			}, want: "region size is zero"},
+		{name: "REM_MEM_REG of an unknown region", setup: setupMemory,
+			send: msgOnly(proto.RemMemReg, proto.EncodeSingleRegion(proto.MemRegion{GPA: 1 << 40, Size: 4096, UVA: 4096})),
+			want: "no such region"},
+		{name: "ADD_MEM_REG 39 bytes", setup: setupNegotiate,
+			send: func(t *testing.T, d *frontend.Device) {
+				sendRaw(t, d, proto.AddMemReg, proto.FlagVersion, make([]byte, 39), d.MemFDs()[0])
+			}, want: "wrong payload size"},
+
 		// Bad memory tables.
 		{name: "regions overlap in gpa", setup: setupNegotiate, opts: two,
 			send: memTable(func(r []proto.MemRegion, f []int) ([]proto.MemRegion, []int) {
