@@ -72,6 +72,7 @@ type Reactor struct {
 	done         chan struct{}
 	started      bool
 	now          int64 // time of the current iteration; reactor goroutine only
+	closeOnce    sync.Once
 	pinErr       error
 
 	Stats Stats
@@ -355,14 +356,10 @@ func (r *Reactor) Stop() {
 	r.closeFDs()
 }
 
-var closeOnce sync.Mutex
-
+// closeFDs closes the epoll and wake fds once, however often Stop is called.
 func (r *Reactor) closeFDs() {
-	closeOnce.Lock()
-	defer closeOnce.Unlock()
-	if r.epfd >= 0 {
+	r.closeOnce.Do(func() {
 		unix.Close(r.epfd)
 		unix.Close(r.wakefd)
-		r.epfd, r.wakefd = -1, -1
-	}
+	})
 }

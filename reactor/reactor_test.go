@@ -101,12 +101,10 @@ func TestAdaptiveSleepsAndWakes(t *testing.T) {
 	}
 	// A message wakes it too.
 	done := make(chan struct{})
-	start := time.Now()
 	r.Send(func() { close(done) })
 	select {
 	case <-done:
 	case <-time.After(2 * time.Second):
 		t.Fatal("message did not wake the reactor")
 	}
-	_ = start
 }

@@ -1,6 +1,7 @@
 package vhost
 
 import (
+	"encoding/binary"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -15,7 +16,6 @@ import (
 const (
 	reqHdrSize  = 8 + 8 + 1 + 1 + 1 + 32 // lun, tag, task_attr, prio, crn, cdb
 	respHdrSize = 4 + 4 + 2 + 1 + 1 + 96 // sense_len, resid, status_qualifier, status, response, sense
-	senseMax    = 96
 )
 
 // virtio-scsi response codes (virtio spec 5.6.6.1).
@@ -448,8 +448,8 @@ func (q *queue) respond(r *request, response byte) {
 	cmd := &r.cmd
 	b := &r.resp
 	sl := uint32(cmd.SenseLen)
-	le32(b[0:], sl)
-	le32(b[4:], cmd.Resid)
+	binary.LittleEndian.PutUint32(b[0:], sl)
+	binary.LittleEndian.PutUint32(b[4:], cmd.Resid)
 	b[8], b[9] = 0, 0
 	b[10] = cmd.Status
 	b[11] = response

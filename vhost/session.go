@@ -1,6 +1,7 @@
 package vhost
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -193,8 +194,8 @@ func (s *session) handle(m *proto.Msg) error {
 		var cfg proto.Config
 		if cfg, _, err = proto.DecodeConfig(m); err == nil {
 			var b [proto.ConfigHeaderSize]byte
-			le32(b[0:], cfg.Offset)
-			le32(b[8:], cfg.Flags)
+			binary.LittleEndian.PutUint32(b[0:], cfg.Offset)
+			binary.LittleEndian.PutUint32(b[8:], cfg.Flags)
 			err, replied = s.conn.Reply(m.Request, b[:]), true
 		}
 	case proto.SetConfig:
@@ -217,8 +218,6 @@ func (s *session) handle(m *proto.Msg) error {
 	}
 	return nil
 }
-
-func le32(b []byte, v uint32) { b[0], b[1], b[2], b[3] = byte(v), byte(v>>8), byte(v>>16), byte(v>>24) }
 
 func (s *session) setFeatures(m *proto.Msg) error {
 	v, err := proto.U64(m)

@@ -163,9 +163,11 @@ func (cs *ControllerStats) Snapshot() Snapshot {
 		qs[rq] = *c
 	}
 	for q := range cs.live {
-		var lc []LUNCounters
+		// Allocated here, copied into on the reactor: the reactor itself
+		// never allocates for a scrape.
+		lc := make([]LUNCounters, len(q.lunSt))
 		var qc QueueCounters
-		if q.r.Call(func() { lc = append([]LUNCounters(nil), q.lunSt...); qc = q.st }) != nil {
+		if q.r.Call(func() { copy(lc, q.lunSt); qc = q.st }) != nil {
 			continue
 		}
 		for i := range lc {

@@ -213,7 +213,6 @@ func verifyIO(socket string, queues, bs, n int) error {
 	}
 	defer dev.Close()
 	rng := rand.New(rand.NewSource(time.Now().UnixNano()))
-	lbs := uint64(bs / 512)
 	for i := 0; i < n; i++ {
 		q := i % queues
 		lba := uint64(rng.Intn(1000)) * 4
@@ -231,7 +230,6 @@ func verifyIO(socket string, queues, bs, n int) error {
 			return fmt.Errorf("%s: data read back at LBA %d differs", socket, lba)
 		}
 	}
-	_ = lbs
 	return nil
 }
 
