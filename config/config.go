@@ -41,6 +41,17 @@ const (
 	EngineLibaio = "libaio" // Linux native AIO only
 )
 
+// Backing memory of a malloc bdev (key bdev.hugepages). Every mode allocates
+// and populates the whole disk at start-up, so a read of a never-written
+// block is not served from the kernel's zero page and a first write takes no
+// page fault; they differ in the page size behind it.
+const (
+	HugepagesAuto    = "auto"    // hugetlb if enough 2 MiB hugepages are free, else THP, else 4 KiB pages
+	HugepagesHugeTLB = "hugetlb" // 2 MiB hugetlbfs pages (vm.nr_hugepages); fail at start-up if too few are free
+	HugepagesTHP     = "thp"     // transparent huge pages (madvise); fail if THP is disabled ("never")
+	HugepagesNone    = "none"    // 4 KiB pages
+)
+
 // Reactor poll modes (key reactors.poll).
 const (
 	PollBusy     = "busy"     // spin on every reactor CPU: lowest latency, 100% CPU
@@ -128,6 +139,9 @@ type Bdev struct {
 	Path string
 	// Engine is the aio engine (aio only): EngineAuto, EngineURing or EngineLibaio.
 	Engine string
+	// Hugepages is the page size behind a malloc bdev's memory (malloc only):
+	// HugepagesAuto, HugepagesHugeTLB, HugepagesTHP or HugepagesNone.
+	Hugepages string
 	// Size is the device size in bytes, a multiple of BlockSize. For file and
 	// aio bdevs without Create, 0 means "the size of the backing file".
 	Size uint64
@@ -201,7 +215,7 @@ func Load(path string) (*Config, error) {
 
 // Default returns the built-in configuration: one reactor on the first CPU
 // this process may run on, busy polling, metrics on 127.0.0.1:9478, a 256 MiB
-// malloc bdev "mem0" with 512-byte blocks, and a controller "vhost.0" offering
+// malloc bdev "mem0" with 512-byte blocks (hugepages "auto"), and a controller "vhost.0" offering
 // NumQueuesDefault request queues with mem0 at target 0, LUN 0. It is valid.
 func Default() *Config {
 	cpu := allowedCPUs()[0]
@@ -214,6 +228,7 @@ func Default() *Config {
 			Type:      TypeMalloc,
 			Size:      256 << 20,
 			BlockSize: BlockSizeDefault,
+			Hugepages: HugepagesAuto,
 			UUID:      BdevUUID("mem0"),
 		}},
 		Controllers: []Controller{{

@@ -44,6 +44,7 @@ name = "mem4k"
 type = "malloc"
 size = 1048576
 block_size = 4096
+hugepages = "none"
 uuid = "0123ABCD-4567-89ab-cdef-0123456789AB"
 
 [[bdev]]
@@ -108,8 +109,8 @@ func TestParseFullExample(t *testing.T) {
 		Metrics:   Metrics{Listen: "[::1]:9100"},
 		Reactors:  Reactors{CPUs: []int{cpu}, Poll: PollAdaptive},
 		Bdevs: []Bdev{
-			{Name: "mem0", Type: TypeMalloc, Size: 1 << 30, BlockSize: 512, UUID: BdevUUID("mem0")},
-			{Name: "mem4k", Type: TypeMalloc, Size: 1 << 20, BlockSize: 4096,
+			{Name: "mem0", Type: TypeMalloc, Size: 1 << 30, BlockSize: 512, Hugepages: HugepagesAuto, UUID: BdevUUID("mem0")},
+			{Name: "mem4k", Type: TypeMalloc, Size: 1 << 20, BlockSize: 4096, Hugepages: HugepagesNone,
 				UUID: [16]byte{0x01, 0x23, 0xab, 0xcd, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab}},
 			{Name: "disk1", Type: TypeFile, Path: "/var/lib/vm/disk1.img", Size: 10e9, BlockSize: 512, Create: true,
 				Workers: 4, QueueDepth: QueueDepthDefault, UUID: BdevUUID("disk1")},
@@ -173,10 +174,10 @@ bdev = "m"
 	if !reflect.DeepEqual(c.Reactors, Reactors{CPUs: []int{cpu}, Poll: "busy"}) {
 		t.Errorf("Reactors = %+v", c.Reactors)
 	}
-	if b := c.Bdevs[0]; b.BlockSize != 512 || b.Workers != 0 || b.Engine != "" || b.QueueDepth != 0 {
+	if b := c.Bdevs[0]; b.BlockSize != 512 || b.Workers != 0 || b.Engine != "" || b.QueueDepth != 0 || b.Hugepages != "auto" {
 		t.Errorf("malloc bdev = %+v", b)
 	}
-	if b := c.Bdevs[1]; b.BlockSize != 512 || b.Workers != 2 || b.Size != 0 || b.Create || b.ReadOnly {
+	if b := c.Bdevs[1]; b.BlockSize != 512 || b.Workers != 2 || b.Size != 0 || b.Create || b.ReadOnly || b.Hugepages != "" {
 		t.Errorf("file bdev = %+v", b)
 	}
 	ctrl := c.Controllers[0]
@@ -248,6 +249,24 @@ bdev = "err0"
 	}
 }
 
+// TestParseHugepages parses every hugepages value of a malloc bdev; the
+// absent key is "auto" (TestParseDefaultsFilled), bad values are in
+// TestParseErrors.
+func TestParseHugepages(t *testing.T) {
+	for _, v := range []string{HugepagesAuto, HugepagesHugeTLB, HugepagesTHP, HugepagesNone} {
+		c, err := Parse([]byte(withCPU(head+mallocBdev+"hugepages = \""+v+"\"\n"+ctrl0)), "h.toml")
+		if err != nil {
+			t.Fatalf("%s: %v", v, err)
+		}
+		if got := c.Bdevs[0].Hugepages; got != v {
+			t.Errorf("hugepages = %q: got %q", v, got)
+		}
+		if err := c.Validate(); err != nil {
+			t.Errorf("%s: parsed config does not re-validate: %v", v, err)
+		}
+	}
+}
+
 func TestParseErrors(t *testing.T) {
 	tests := []struct {
 		name string
@@ -311,6 +330,19 @@ func TestParseErrors(t *testing.T) {
 			[]string{`bdev[0] "mem0": engine: "spdk" is not "auto", "uring" or "libaio"`}, 0},
 		{"engine on file", head + "[[bdev]]\nname = \"mem0\"\ntype = \"file\"\npath = \"/x\"\nengine = \"uring\"\n" + ctrl0,
 			[]string{`bdev[0] "mem0": engine: not used by type "file"`}, 0},
+		{"hugepages bad", head + mallocBdev + "hugepages = \"1g\"\n" + ctrl0,
+			[]string{`e.toml: bdev[0] "mem0": hugepages: "1g" is not "auto", "hugetlb", "thp" or "none"`}, 1},
+		{"hugepages empty", head + mallocBdev + "hugepages = \"\"\n" + ctrl0,
+			[]string{`e.toml: bdev[0] "mem0": hugepages: "" is not "auto", "hugetlb", "thp" or "none"`}, 1},
+		{"hugepages case", head + mallocBdev + "hugepages = \"THP\"\n" + ctrl0,
+			[]string{`e.toml: bdev[0] "mem0": hugepages: "THP" is not "auto", "hugetlb", "thp" or "none"`}, 1},
+		{"hugepages not a string", head + mallocBdev + "hugepages = true\n" + ctrl0,
+			[]string{"e.toml: line 8", "bdev.hugepages", "incompatible types"}, 0},
+		{"hugepages on aio", head + "[[bdev]]\nname = \"mem0\"\ntype = \"aio\"\npath = \"/x\"\nhugepages = \"thp\"\n" + ctrl0,
+			[]string{`bdev[0] "mem0": hugepages: not used by type "aio"`}, 1},
+		{"hugepages on error", head + mallocBdev + "[[bdev]]\nname = \"err0\"\ntype = \"error\"\nbase = \"mem0\"\nhugepages = \"none\"\n" +
+			"[[bdev.inject]]\nop = \"read\"\nerror = \"eio\"\n" + ctrl0,
+			[]string{`bdev[1] "err0": hugepages: not used by type "error"`}, 1},
 		{"workers zero", head + "[[bdev]]\nname = \"mem0\"\ntype = \"file\"\npath = \"/x\"\nworkers = 0\n" + ctrl0,
 			[]string{`bdev[0] "mem0": workers: 0 is out of range 1..64`}, 0},
 		{"workers high", head + "[[bdev]]\nname = \"mem0\"\ntype = \"file\"\npath = \"/x\"\nworkers = 65\n" + ctrl0,
@@ -571,7 +603,8 @@ func TestDefault(t *testing.T) {
 	if c.Metrics.Listen != "127.0.0.1:9478" || c.Reactors.Poll != PollBusy || !reflect.DeepEqual(c.Reactors.CPUs, []int{cpu}) {
 		t.Errorf("default = %+v", c)
 	}
-	if len(c.Bdevs) != 1 || !reflect.DeepEqual(c.Bdevs[0], Bdev{Name: "mem0", Type: "malloc", Size: 256 << 20, BlockSize: 512, UUID: BdevUUID("mem0")}) {
+	if len(c.Bdevs) != 1 || !reflect.DeepEqual(c.Bdevs[0], Bdev{Name: "mem0", Type: "malloc", Size: 256 << 20, BlockSize: 512,
+		Hugepages: HugepagesAuto, UUID: BdevUUID("mem0")}) {
 		t.Errorf("bdevs = %+v", c.Bdevs)
 	}
 	if len(c.Controllers) != 1 || c.Controllers[0].Name != "vhost.0" || c.Controllers[0].NumQueues != NumQueuesDefault ||
@@ -595,6 +628,7 @@ func TestValidateHandBuilt(t *testing.T) {
 	for _, w := range []string{
 		`config: bdev[0] "m": block_size: 0 is not 512 or 4096`,
 		`config: bdev[0] "m": uuid: must not be all zeros`,
+		`config: bdev[0] "m": hugepages: "" is not "auto", "hugetlb", "thp" or "none"`,
 		`config: controller[0] "c": num_queues: 0 is out of range 1..64`,
 	} {
 		if err == nil || !strings.Contains(err.Error(), w) {

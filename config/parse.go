@@ -44,6 +44,7 @@ type rawBdev struct {
 	ReadOnly   bool        `toml:"read_only"`
 	Workers    *int64      `toml:"workers"`
 	Engine     string      `toml:"engine"`
+	Hugepages  *string     `toml:"hugepages"`
 	QueueDepth *int64      `toml:"queue_depth"`
 	UUID       string      `toml:"uuid"`
 	Base       string      `toml:"base"`
@@ -255,6 +256,11 @@ func bdevFromRaw(rb *rawBdev, errs *errorList) Bdev {
 	}
 	if rb.Type == TypeAIO && b.Engine == "" {
 		b.Engine = EngineAuto
+	}
+	if rb.Hugepages != nil {
+		b.Hugepages = *rb.Hugepages // "" included: Validate refuses it
+	} else if rb.Type == TypeMalloc {
+		b.Hugepages = HugepagesAuto
 	}
 	if rb.Type == TypeFile || rb.Type == TypeAIO {
 		b.QueueDepth = QueueDepthDefault

@@ -171,6 +171,16 @@ func (b *Bdev) validate(e *errorList) {
 	} else {
 		notFor(e, "engine", b.Engine != "", b.Type)
 	}
+	if b.Type == TypeMalloc {
+		switch b.Hugepages {
+		case HugepagesAuto, HugepagesHugeTLB, HugepagesTHP, HugepagesNone:
+		default:
+			e.addf("hugepages", "%q is not %q, %q, %q or %q", b.Hugepages,
+				HugepagesAuto, HugepagesHugeTLB, HugepagesTHP, HugepagesNone)
+		}
+	} else {
+		notFor(e, "hugepages", b.Hugepages != "", b.Type)
+	}
 	if b.Type == TypeError {
 		if b.Base == "" {
 			e.addf("base", "required for type %q", b.Type)
