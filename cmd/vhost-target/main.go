@@ -206,7 +206,9 @@ func start(cfg *config.Config, log *slog.Logger) (t *target, err error) {
 func openBdev(b *config.Bdev, opened map[string]bdev.Bdev, log *slog.Logger) (bdev.Bdev, error) {
 	switch b.Type {
 	case config.TypeMalloc:
-		return malloc.New(b.Name, b.Size, b.BlockSize, b.UUID)
+		// Allocates and populates all of the disk now; logs the backing it got.
+		return malloc.Create(malloc.Config{Name: b.Name, Size: b.Size, BlockSize: b.BlockSize, UUID: b.UUID,
+			Hugepages: b.Hugepages, Logger: log})
 	case config.TypeFile:
 		return file.New(file.Config{Name: b.Name, Path: b.Path, Size: b.Size, BlockSize: b.BlockSize, Create: b.Create,
 			ReadOnly: b.ReadOnly, Workers: b.Workers, QueueDepth: b.QueueDepth, UUID: b.UUID})
