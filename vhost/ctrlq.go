@@ -63,9 +63,14 @@ func startCtrlQueue(s *session, v *vring, vq *virtq.Queue) *ctrlQueue {
 	return cq
 }
 
+// setCall swaps the call fd and signals it once, as queue.setCall does: an
+// answer published just before the swap was signalled on the old fd.
 func (cq *ctrlQueue) setCall(fd int) {
 	cq.mu.Lock()
 	cq.call = fd
+	if fd >= 0 {
+		unix.Write(fd, callValue[:])
+	}
 	cq.mu.Unlock()
 }
 

@@ -156,8 +156,18 @@ func startQueue(s *session, v *vring, vq *virtq.Queue) (*queue, error) {
 	return q, nil
 }
 
-// setCall swaps the call fd on the owning reactor.
-func (q *queue) setCall(fd int) { q.r.Call(func() { q.call = fd }) }
+// setCall swaps the call fd on the owning reactor, then signals the new fd
+// once. QEMU installs a ring's call fd only after enabling it (vhost-scsi-common
+// unmasks every queue after vhost_dev_start), so completions published
+// before the swap were signalled on the previous fd, which nobody reads any
+// more: without this interrupt the guest waits forever for its first command
+// (issue 9). libvhost-user writes to every new call fd for the same reason.
+func (q *queue) setCall(fd int) {
+	q.r.Call(func() {
+		q.call = fd
+		q.signal()
+	})
+}
 
 // stop drains the queue on its reactor (in-flight requests complete and are
 // published), removes it, and returns the next avail index.
