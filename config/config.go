@@ -81,6 +81,10 @@ const (
 	// may use fewer queues than offered.
 	NumQueuesDefault = 4
 
+	// MaxSessionsDefault and MaxSessionsMax bound a controller's max_sessions.
+	MaxSessionsDefault = 1
+	MaxSessionsMax     = 8
+
 	TargetMax = 255   // SCSI target ids 0..255 (one byte in the virtio-scsi LUN field)
 	LUNMax    = 16383 // LUN ids 0..16383 (SAM flat space addressing, 14 bits)
 
@@ -188,6 +192,12 @@ type Controller struct {
 	CPUs []int
 	// NumQueues is the number of request queues offered, 1..NumQueuesMax.
 	NumQueues int
+	// MaxSessions is how many front-ends may be connected at once,
+	// 1..MaxSessionsMax. One by default: a second VM started on a mistyped
+	// socket path is refused instead of sharing (and corrupting) the disks.
+	// Two let the destination QEMU of a live migration on the same host
+	// connect while the source still runs.
+	MaxSessions int
 	// SocketMode is the permission bits of the socket file (at most 0o777).
 	SocketMode uint32
 	// SocketOwner and SocketGroup, when not "", are the user and group the
@@ -232,11 +242,12 @@ func Default() *Config {
 			UUID:      BdevUUID("mem0"),
 		}},
 		Controllers: []Controller{{
-			Name:       "vhost.0",
-			CPUs:       []int{cpu},
-			NumQueues:  NumQueuesDefault,
-			SocketMode: SocketModeDefault,
-			LUNs:       []LUN{{Target: 0, LUN: 0, Bdev: "mem0"}},
+			Name:        "vhost.0",
+			CPUs:        []int{cpu},
+			NumQueues:   NumQueuesDefault,
+			MaxSessions: MaxSessionsDefault,
+			SocketMode:  SocketModeDefault,
+			LUNs:        []LUN{{Target: 0, LUN: 0, Bdev: "mem0"}},
 		}},
 		source: "built-in default config",
 	}

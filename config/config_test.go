@@ -72,6 +72,7 @@ path = "/dev/vdc"
 name = "vhost.0"
 cpus = [@CPU@]
 num_queues = 8
+max_sessions = 2
 socket_mode = "0660"
 socket_owner = "root"
 socket_group = "0"
@@ -120,9 +121,9 @@ func TestParseFullExample(t *testing.T) {
 				QueueDepth: QueueDepthDefault, UUID: BdevUUID("disk3")},
 		},
 		Controllers: []Controller{
-			{Name: "vhost.0", CPUs: []int{cpu}, NumQueues: 8, SocketMode: 0o660, SocketOwner: "root", SocketGroup: "0",
+			{Name: "vhost.0", CPUs: []int{cpu}, NumQueues: 8, MaxSessions: 2, SocketMode: 0o660, SocketOwner: "root", SocketGroup: "0",
 				LUNs: []LUN{{Target: 0, LUN: 0, Bdev: "mem0"}, {Target: 1, LUN: 16383, Bdev: "mem4k"}}},
-			{Name: "vhost.1", CPUs: []int{cpu}, NumQueues: NumQueuesDefault, SocketMode: 0o600,
+			{Name: "vhost.1", CPUs: []int{cpu}, NumQueues: NumQueuesDefault, MaxSessions: MaxSessionsDefault, SocketMode: 0o600,
 				LUNs: []LUN{{Target: 255, LUN: 0, Bdev: "disk1"}, {Target: 3, LUN: 2, Bdev: "disk2"}}},
 		},
 		source: "full.toml",
@@ -419,6 +420,10 @@ func TestParseErrors(t *testing.T) {
 			[]string{`controller[0] "vhost.0": num_queues: 0 is out of range 1..64`}, 0},
 		{"num queues high", head + mallocBdev + strings.Replace(ctrl0, "[[controller.lun]]", "num_queues = 65\n[[controller.lun]]", 1),
 			[]string{`controller[0] "vhost.0": num_queues: 65 is out of range 1..64`}, 0},
+		{"max sessions zero", head + mallocBdev + strings.Replace(ctrl0, "[[controller.lun]]", "max_sessions = 0\n[[controller.lun]]", 1),
+			[]string{`controller[0] "vhost.0": max_sessions: 0 is out of range 1..8`}, 0},
+		{"max sessions high", head + mallocBdev + strings.Replace(ctrl0, "[[controller.lun]]", "max_sessions = 9\n[[controller.lun]]", 1),
+			[]string{`controller[0] "vhost.0": max_sessions: 9 is out of range 1..8`}, 0},
 		{"socket mode integer", head + mallocBdev + strings.Replace(ctrl0, "[[controller.lun]]", "socket_mode = 600\n[[controller.lun]]", 1),
 			[]string{`controller[0] "vhost.0": socket_mode: must be an octal string such as "0660", not an integer`}, 0},
 		{"socket mode not octal", head + mallocBdev + strings.Replace(ctrl0, "[[controller.lun]]", "socket_mode = \"0680\"\n[[controller.lun]]", 1),

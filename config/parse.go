@@ -63,6 +63,7 @@ type rawController struct {
 	Name        string   `toml:"name"`
 	CPUs        *[]int64 `toml:"cpus"`
 	NumQueues   *int64   `toml:"num_queues"`
+	MaxSessions *int64   `toml:"max_sessions"`
 	SocketMode  any      `toml:"socket_mode"`
 	SocketOwner string   `toml:"socket_owner"`
 	SocketGroup string   `toml:"socket_group"`
@@ -314,6 +315,7 @@ func controllerFromRaw(rc *rawController, reactorCPUs []int, errs *errorList) Co
 		Name:        rc.Name,
 		CPUs:        uniqueCPUs(reactorCPUs),
 		NumQueues:   NumQueuesDefault,
+		MaxSessions: MaxSessionsDefault,
 		SocketMode:  SocketModeDefault,
 		SocketOwner: rc.SocketOwner,
 		SocketGroup: rc.SocketGroup,
@@ -323,6 +325,9 @@ func controllerFromRaw(rc *rawController, reactorCPUs []int, errs *errorList) Co
 	}
 	if rc.NumQueues != nil {
 		ctrl.NumQueues = clampInt(*rc.NumQueues)
+	}
+	if rc.MaxSessions != nil {
+		ctrl.MaxSessions = clampInt(*rc.MaxSessions)
 	}
 	if rc.SocketMode != nil {
 		mode, err := socketModeValue(rc.SocketMode)

@@ -244,6 +244,9 @@ func (c *Config) validateController(ctrl *Controller, e *errorList) {
 	if ctrl.NumQueues < 1 || ctrl.NumQueues > NumQueuesMax {
 		e.addf("num_queues", "%d is out of range 1..%d", ctrl.NumQueues, NumQueuesMax)
 	}
+	if ctrl.MaxSessions < 1 || ctrl.MaxSessions > MaxSessionsMax {
+		e.addf("max_sessions", "%d is out of range 1..%d", ctrl.MaxSessions, MaxSessionsMax)
+	}
 	if ctrl.SocketMode > 0o777 {
 		e.addf("socket_mode", "%#o has bits above 0777", ctrl.SocketMode)
 	}

@@ -16,7 +16,10 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
+
+	"golang.org/x/sys/unix"
 
 	"vhost-target/bdev"
 	"vhost-target/reactor"
@@ -40,6 +43,10 @@ type Config struct {
 	// NumQueues is the number of request queues offered (GET_QUEUE_NUM). A
 	// front-end may start fewer; more (up to MaxQueues) are served too.
 	NumQueues int
+	// MaxSessions is how many front-ends are served at once (default 1); a
+	// connection beyond it is closed with a WARN line. See the lifecycle in
+	// lifecycle.go.
+	MaxSessions int
 	// Reactors serve the request queues: queue i runs on Reactors[i % len].
 	Reactors []*reactor.Reactor
 	LUNs     []LUNSpec
@@ -71,9 +78,13 @@ type Controller struct {
 	bdevs   []bdev.Bdev // by lunRef.idx
 	Stats   *ControllerStats
 
-	ln       *net.UnixListener
-	mu       sync.Mutex
+	ln *net.UnixListener
+	mu sync.Mutex
+	// changed is signalled (with mu held) when a session leaves or the
+	// controller closes: admission waits on it for hung-up sessions to drain.
+	changed  *sync.Cond
 	sessions map[*session]struct{}
+	nextID   uint64
 	closed   bool
 	wg       sync.WaitGroup
 }
@@ -95,10 +106,17 @@ func NewController(cfg Config) (*Controller, error) {
 	if cfg.SocketMode == 0 {
 		cfg.SocketMode = 0o600
 	}
+	if cfg.MaxSessions == 0 {
+		cfg.MaxSessions = 1
+	}
+	if cfg.MaxSessions < 0 {
+		return nil, fmt.Errorf("vhost: controller %q: max_sessions %d", cfg.Name, cfg.MaxSessions)
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
 	c := &Controller{cfg: cfg, log: cfg.Logger.With("controller", cfg.Name), sessions: map[*session]struct{}{}}
+	c.changed = sync.NewCond(&c.mu)
 	byTarget := map[uint8][]lunRef{}
 	for i, l := range cfg.LUNs {
 		if l.LUN > 16383 {
@@ -196,25 +214,128 @@ func (c *Controller) accept() {
 			}
 			return
 		}
-		s := newSession(c, conn)
 		c.mu.Lock()
 		if c.closed {
 			c.mu.Unlock()
 			conn.Close()
 			return
 		}
-		c.sessions[s] = struct{}{}
 		c.wg.Add(1)
 		c.mu.Unlock()
 		go func() {
 			defer c.wg.Done()
+			s := c.admit(conn)
+			if s == nil {
+				return
+			}
 			s.serve()
 			c.mu.Lock()
 			delete(c.sessions, s)
+			c.changed.Broadcast()
 			c.mu.Unlock()
 		}()
 	}
 }
+
+// admit decides whether conn becomes a session (lifecycle.go, "Admission").
+// Sessions whose front-end has hung up but whose queues still drain do not
+// count, but admission waits for them to finish first: a VM that is killed
+// and started again at once must get its disk, and only after every request
+// of the dead one has completed. It returns nil when conn was refused.
+func (c *Controller) admit(conn *net.UnixConn) *session {
+	peer := peerName(conn)
+	c.mu.Lock()
+	for {
+		open, leaving := 0, 0
+		for s := range c.sessions {
+			// A front-end that died a moment ago may not have been read to
+			// EOF yet: its socket already says so.
+			if s.hungUp || peerGone(s.uconn) {
+				leaving++
+			} else {
+				open++
+			}
+		}
+		if c.closed || open >= c.cfg.MaxSessions || leaving == 0 {
+			break
+		}
+		c.changed.Wait() // the leaving session's goroutine broadcasts when it is gone
+	}
+	if c.closed {
+		c.mu.Unlock()
+		conn.Close()
+		return nil
+	}
+	others := make([]string, 0, len(c.sessions))
+	for s := range c.sessions {
+		others = append(others, fmt.Sprintf("session %d (%s)", s.id, s.peer))
+	}
+	sort.Strings(others)
+	if len(c.sessions) >= c.cfg.MaxSessions {
+		c.mu.Unlock()
+		c.Stats.refused.Add(1)
+		c.log.Warn("front-end refused: the controller already serves max_sessions front-ends (set max_sessions = 2 for a same-host live migration)",
+			"peer", peer, "max_sessions", c.cfg.MaxSessions, "connected", strings.Join(others, ", "))
+		conn.Close()
+		return nil
+	}
+	c.nextID++
+	s := newSession(c, conn, c.nextID, peer)
+	c.sessions[s] = struct{}{}
+	c.mu.Unlock()
+	if len(others) > 0 {
+		s.log.Warn("another front-end connected while one is served: the LUNs are shared between them (a live migration, or two VMs writing the same disks)",
+			"peer", peer, "connected", strings.Join(others, ", "), "max_sessions", c.cfg.MaxSessions)
+	}
+	return s
+}
+
+// hangUp marks s as gone from the front-end's side: it no longer counts
+// against max_sessions, though it holds its queues until they drain.
+func (c *Controller) hangUp(s *session) {
+	c.mu.Lock()
+	s.hungUp = true
+	c.changed.Broadcast()
+	c.mu.Unlock()
+}
+
+// peerGone reports whether the front-end end of conn is closed (POLLRDHUP or
+// POLLHUP), without reading from it.
+func peerGone(conn *net.UnixConn) bool {
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return true
+	}
+	gone := false
+	raw.Control(func(fd uintptr) {
+		fds := [1]unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
+		if n, err := unix.Poll(fds[:], 0); err == nil && n == 1 {
+			gone = fds[0].Revents&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR|unix.POLLNVAL) != 0
+		}
+	})
+	return gone
+}
+
+// peerName names the process at the other end of conn for log lines:
+// "pid 1234 (qemu-system-x86) uid 0", from SO_PEERCRED and /proc.
+func peerName(conn *net.UnixConn) string {
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return "unknown peer"
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil || cerr != nil {
+		return "unknown peer"
+	}
+	comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", cred.Pid))
+	return fmt.Sprintf("pid %d (%s) uid %d", cred.Pid, strings.TrimSpace(string(comm)), cred.Uid)
+}
+
+// MaxSessions returns how many front-ends the controller serves at once.
+func (c *Controller) MaxSessions() int { return c.cfg.MaxSessions }
 
 // Sessions returns the number of connected front-ends.
 func (c *Controller) Sessions() int {
@@ -232,6 +353,7 @@ func (c *Controller) Close() error {
 		return nil
 	}
 	c.closed = true
+	c.changed.Broadcast()
 	ss := make([]*session, 0, len(c.sessions))
 	for s := range c.sessions {
 		ss = append(ss, s)

@@ -1,11 +1,18 @@
 package vhost_test
 
 import (
+	"bytes"
 	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"vhost-target/reactor"
+	"vhost-target/vhost"
 	"vhost-target/vhost/frontend"
 )
 
@@ -64,4 +71,142 @@ func callAfterEnable(t *testing.T, mode reactor.Mode, vring int) {
 		t.Errorf("mode %v vring %d: the call fd installed after a completion was never signalled", mode, vring)
 	}
 	dev.Close()
+}
+
+// syncBuffer is a log sink shared by the controller's goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// sessionsController starts a controller with maxSessions and a log buffer.
+func sessionsController(t *testing.T, e *env, maxSessions int) (*vhost.Controller, string, *syncBuffer) {
+	logs := &syncBuffer{}
+	sock := filepath.Join(t.TempDir(), "c0")
+	c, err := vhost.NewController(vhost.Config{
+		Name: "c0", SocketPath: sock, NumQueues: 1, MaxSessions: maxSessions, Reactors: e.r,
+		LUNs: []vhost.LUNSpec{lun(0, 0, e.disk("m0", 1<<20, 512))}, SocketUID: -1, SocketGID: -1,
+		Logger: slog.New(slog.NewTextHandler(logs, nil)),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Listen(); err != nil {
+		t.Fatal(err)
+	}
+	e.ctrls = append(e.ctrls, c)
+	return c, sock, logs
+}
+
+// writeRead writes one block at lba through dev and reads it back.
+func writeRead(t *testing.T, dev *frontend.Device, lba uint32) {
+	t.Helper()
+	data := bytes.Repeat([]byte{byte(lba)}, 512)
+	if r, err := dev.Do(frontend.Command{CDB: rw10(0x2a, lba, 1), DataOut: data}); err != nil || r.Status != 0 || r.Response != 0 {
+		t.Fatalf("write lba %d: %v %+v", lba, err, r)
+	}
+	r, err := dev.Do(frontend.Command{CDB: rw10(0x28, lba, 1), DataInLen: 512})
+	if err != nil || r.Status != 0 || !bytes.Equal(r.DataIn, data) {
+		t.Fatalf("read lba %d: %v %+v", lba, err, r)
+	}
+}
+
+// TestMaxSessionsDefault: a second front-end on a controller is refused
+// while the first is connected (the default max_sessions is 1), with a WARN
+// naming both and the refusal counted; the first keeps working, and once it
+// hangs up a new front-end is admitted at once.
+func TestMaxSessionsDefault(t *testing.T) {
+	e := newEnv(t, 1, reactor.Busy)
+	c, sock, logs := sessionsController(t, e, 0)
+	dev1, err := frontend.Dial(sock, frontend.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeRead(t, dev1, 1)
+	dev2, err := frontend.NewUnstarted(sock, frontend.Options{Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := dev2.Negotiate(); err == nil {
+		t.Fatal("second front-end negotiated with max_sessions 1")
+	}
+	dev2.Close()
+	if got := c.Stats.Snapshot().Refused; got != 1 {
+		t.Errorf("refused = %d, want 1", got)
+	}
+	if n := c.Sessions(); n != 1 {
+		t.Errorf("sessions = %d, want 1", n)
+	}
+	log := logs.String()
+	if !strings.Contains(log, "front-end refused") || !strings.Contains(log, fmt.Sprintf("pid %d", os.Getpid())) ||
+		!strings.Contains(log, "connected=\"session 1 (pid") {
+		t.Errorf("no WARN naming the refused and the connected front-end:\n%s", log)
+	}
+	writeRead(t, dev1, 2)
+	// The first front-end goes away without a clean stop, as a killed QEMU
+	// does; the next one connects at once and must be served.
+	dev1.Abort()
+	for i := 0; i < 5; i++ {
+		dev, err := frontend.Dial(sock, frontend.Options{})
+		if err != nil {
+			t.Fatalf("reattach %d after the previous front-end hung up: %v\n%s", i, err, logs.String())
+		}
+		writeRead(t, dev, uint32(10+i))
+		dev.Abort()
+	}
+	if got := c.Stats.Snapshot().Refused; got != 1 {
+		t.Errorf("refused = %d after reattaching, want 1", got)
+	}
+}
+
+// TestMaxSessionsTwo: with max_sessions 2 both front-ends are served, each
+// with its own rings and memory, the WARN names both, and a third is refused.
+func TestMaxSessionsTwo(t *testing.T) {
+	e := newEnv(t, 1, reactor.Busy)
+	c, sock, logs := sessionsController(t, e, 2)
+	dev1, err := frontend.Dial(sock, frontend.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev1.Close()
+	dev2, err := frontend.Dial(sock, frontend.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev2.Close()
+	writeRead(t, dev1, 1)
+	writeRead(t, dev2, 2)
+	// Each sees the other's writes only through the shared LUN.
+	r, err := dev2.Do(frontend.Command{CDB: rw10(0x28, 1, 1), DataInLen: 512})
+	if err != nil || r.DataIn[0] != 1 {
+		t.Fatalf("session 2 reading session 1's block: %v %+v", err, r)
+	}
+	if !strings.Contains(logs.String(), "another front-end connected while one is served") {
+		t.Errorf("no WARN for the second session:\n%s", logs.String())
+	}
+	dev3, err := frontend.NewUnstarted(sock, frontend.Options{Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := dev3.Negotiate(); err == nil {
+		t.Fatal("third front-end negotiated with max_sessions 2")
+	}
+	dev3.Close()
+	if n, refused := c.Sessions(), c.Stats.Snapshot().Refused; n != 2 || refused != 1 {
+		t.Errorf("sessions %d refused %d, want 2 and 1", n, refused)
+	}
+	writeRead(t, dev1, 3)
+	writeRead(t, dev2, 4)
 }

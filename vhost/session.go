@@ -56,12 +56,17 @@ type vring struct {
 	ctrl *ctrlQueue // running control queue (idx == 0)
 }
 
-// session is one connected front-end.
+// session is one connected front-end (lifecycle.go has its states).
 type session struct {
 	c     *Controller
 	conn  *proto.Conn
 	uconn *net.UnixConn
 	log   *slog.Logger
+	id    uint64 // per controller, from 1, in log lines
+	peer  string // the front-end process, for log lines
+	// hungUp is set (under c.mu) when the connection ends; the session
+	// still drains its queues but no longer counts against max_sessions.
+	hungUp bool
 
 	features, protoFeatures uint64
 	featuresAcked           bool
@@ -76,8 +81,8 @@ type session struct {
 	live []*queue
 }
 
-func newSession(c *Controller, conn *net.UnixConn) *session {
-	s := &session{c: c, conn: proto.NewConn(conn), uconn: conn, log: c.log}
+func newSession(c *Controller, conn *net.UnixConn, id uint64, peer string) *session {
+	s := &session{c: c, conn: proto.NewConn(conn), uconn: conn, log: c.log.With("session", id), id: id, peer: peer}
 	for i := range s.vrings {
 		s.vrings[i] = vring{idx: i, kick: -1, call: -1}
 	}
@@ -88,9 +93,10 @@ func newSession(c *Controller, conn *net.UnixConn) *session {
 func (s *session) shutdown() { s.uconn.CloseRead() }
 
 func (s *session) serve() {
-	s.log.Info("front-end connected")
+	s.log.Info("front-end connected", "peer", s.peer)
 	s.c.Stats.connections.Add(1)
 	defer func() {
+		s.c.hangUp(s)
 		s.teardown()
 		s.conn.Close()
 		s.log.Info("front-end disconnected; session state dropped")
@@ -104,6 +110,9 @@ func (s *session) serve() {
 			s.c.Stats.protocolErrors.Add(1)
 			s.log.Warn("closing connection: bad message", "err", err)
 			return
+		}
+		if s.log.Enabled(nil, slog.LevelDebug) {
+			s.log.Debug("message", "request", m.Request.String(), "flags", m.Flags, "payload", fmt.Sprintf("%x", m.Payload), "fds", len(m.FDs))
 		}
 		if err := s.handle(m); err != nil {
 			m.CloseFDs()

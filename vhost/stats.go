@@ -98,6 +98,7 @@ type ControllerStats struct {
 	connections    atomic.Uint64
 	protocolErrors atomic.Uint64
 	tmfs           atomic.Uint64
+	refused        atomic.Uint64 // connections closed at once: max_sessions reached
 
 	mu         sync.Mutex
 	live       map[*queue]struct{}
@@ -137,6 +138,7 @@ func (cs *ControllerStats) qc(rq int) *QueueCounters {
 // Snapshot is a consistent-enough view of a controller's counters.
 type Snapshot struct {
 	Connections    uint64
+	Refused        uint64 // connections closed at once because max_sessions was reached
 	ProtocolErrors uint64
 	TMFs           uint64
 	LUNs           []LUNSnapshot
@@ -177,7 +179,7 @@ func (cs *ControllerStats) Snapshot() Snapshot {
 		t.add(&qc)
 		qs[q.rq] = t
 	}
-	snap := Snapshot{Connections: cs.connections.Load(), ProtocolErrors: cs.protocolErrors.Load(), TMFs: cs.tmfs.Load(), Queues: qs}
+	snap := Snapshot{Connections: cs.connections.Load(), Refused: cs.refused.Load(), ProtocolErrors: cs.protocolErrors.Load(), TMFs: cs.tmfs.Load(), Queues: qs}
 	for _, t := range cs.c.targets {
 		if t == nil {
 			continue

@@ -159,7 +159,7 @@ func start(cfg *config.Config, log *slog.Logger) (t *target, err error) {
 		cc := &cfg.Controllers[i]
 		vc := vhost.Config{
 			Name: cc.Name, SocketPath: cfg.SocketPath(cc), SocketMode: os.FileMode(cc.SocketMode),
-			NumQueues: cc.NumQueues, Logger: log,
+			NumQueues: cc.NumQueues, MaxSessions: cc.MaxSessions, Logger: log,
 		}
 		vc.SocketUID, vc.SocketGID, err = cc.SocketIDs()
 		if err != nil {
@@ -180,7 +180,7 @@ func start(cfg *config.Config, log *slog.Logger) (t *target, err error) {
 		}
 		t.controllers = append(t.controllers, c)
 		log.Info("controller listening", "controller", cc.Name, "socket", vc.SocketPath,
-			"luns", len(cc.LUNs), "num_queues", cc.NumQueues, "cpus", fmt.Sprint(cc.CPUs))
+			"luns", len(cc.LUNs), "num_queues", cc.NumQueues, "max_sessions", cc.MaxSessions, "cpus", fmt.Sprint(cc.CPUs))
 	}
 	if cfg.Metrics.Listen != "" {
 		ln, err := net.Listen("tcp", cfg.Metrics.Listen)

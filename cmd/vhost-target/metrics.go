@@ -39,6 +39,8 @@ var (
 	dProtocolErrors = desc("protocol_errors_total", "vhost-user connections closed for a bad message.", "controller")
 	dConnections    = desc("connections_total", "vhost-user connections accepted.", "controller")
 	dSessions       = desc("sessions", "Connected front-ends.", "controller")
+	dRefused        = desc("sessions_refused_total", "vhost-user connections closed at once because the controller had max_sessions front-ends.", "controller")
+	dMaxSessions    = desc("max_sessions", "Front-ends a controller serves at once (its max_sessions).", "controller")
 	dTMFs           = desc("task_management_total", "Task management functions answered.", "controller")
 	dBusy           = desc("reactor_busy_seconds_total", "Time reactors spent in iterations that did work.", "reactor", "cpu")
 	dIdle           = desc("reactor_idle_seconds_total", "Time reactors spent polling with nothing to do.", "reactor", "cpu")
@@ -90,6 +92,8 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		counter(dBroken, broken, n)
 		counter(dProtocolErrors, s.ProtocolErrors, n)
 		counter(dConnections, s.Connections, n)
+		counter(dRefused, s.Refused, n)
+		ch <- prometheus.MustNewConstMetric(dMaxSessions, prometheus.GaugeValue, float64(ctrl.MaxSessions()), n)
 		counter(dTMFs, s.TMFs, n)
 		ch <- prometheus.MustNewConstMetric(dSessions, prometheus.GaugeValue, float64(ctrl.Sessions()), n)
 	}
