@@ -79,7 +79,7 @@ func checkDecoders(t *testing.T, req proto.Request, p []byte, nfds int) {
 	}
 	if regs, err := proto.DecodeMemTable(m); err == nil {
 		n := binary.LittleEndian.Uint32(p)
-		if len(regs) != int(n) || n == 0 || n > proto.MaxMemRegions || nfds != int(n) {
+		if len(regs) != int(n) || n > proto.MaxMemRegions || nfds != int(n) {
 			t.Fatalf("memory table: %d regions decoded, header says %d, %d fds", len(regs), n, nfds)
 		}
 		e := proto.EncodeMemTable(regs)

@@ -336,6 +336,39 @@ func (c *Conn) ReplyU64(req Request, v uint64) error {
 	return c.Reply(req, b[:])
 }
 
+// BodySize returns the size of the payload m's request defines, and whether
+// it defines one: 0 for requests without a body, SET_MEM_TABLE's from its
+// region count (not defined while the header is short or the count is above
+// MaxMemRegions). GET/SET_CONFIG, whose size is in the payload, and requests
+// this package does not lay out return false. A receiver that ignores bytes
+// past the body (as DPDK's and libvhost-user's do) trims to this size; one
+// shorter than the body is left for the decoder to refuse.
+func BodySize(m *Msg) (int, bool) {
+	switch m.Request {
+	case GetFeatures, SetOwner, ResetOwner, GetProtocolFeatures, GetQueueNum, ResetDevice, GetMaxMemSlots,
+		SetLogFD, SetBackendReqFD, GetStatus:
+		return 0, true
+	case SetFeatures, SetProtocolFeatures, SetVringKick, SetVringCall, SetVringErr, SetStatus:
+		return U64Size, true
+	case SetVringNum, SetVringBase, GetVringBase, SetVringEnable:
+		return VringStateSize, true
+	case SetVringAddr:
+		return VringAddrSize, true
+	case AddMemReg, RemMemReg:
+		return SingleMemRegionSize, true
+	case SetMemTable:
+		if len(m.Payload) < MemoryHeaderSize {
+			return 0, false
+		}
+		n := binary.LittleEndian.Uint32(m.Payload)
+		if n > MaxMemRegions {
+			return 0, false
+		}
+		return MemoryHeaderSize + int(n)*MemRegionSize, true
+	}
+	return 0, false
+}
+
 // Payload layouts. Decoders check the exact size and return ErrPayloadSize.
 
 // ErrPayloadSize reports a payload whose size does not match its message.
@@ -427,18 +460,21 @@ func (r MemRegion) put(b []byte) {
 	binary.LittleEndian.PutUint64(b[24:], r.MmapOffset)
 }
 
-// ErrRegionCount reports a memory table with 0 or too many regions, or a
-// region count that does not match the fds.
+// ErrRegionCount reports a memory table with too many regions, or a region
+// count that does not match the fds.
 var ErrRegionCount = errors.New("vhost-user: bad memory region count")
 
 // DecodeMemTable decodes SET_MEM_TABLE. QEMU sends the header plus exactly
 // nregions entries; some front-ends send all 8 slots, so both are accepted.
+// A table of 0 regions (and 0 fds) is well-formed: SPDK's initiator sends one
+// when none of its memory is in hugepage files, and DPDK and libvhost-user
+// accept it; it maps nothing.
 func DecodeMemTable(m *Msg) ([]MemRegion, error) {
 	if len(m.Payload) < MemoryHeaderSize {
 		return nil, sizeErr(m.Request, len(m.Payload), MemoryHeaderSize)
 	}
 	n := binary.LittleEndian.Uint32(m.Payload)
-	if n == 0 || n > MaxMemRegions {
+	if n > MaxMemRegions {
 		return nil, fmt.Errorf("%w: %d regions", ErrRegionCount, n)
 	}
 	exact := MemoryHeaderSize + int(n)*MemRegionSize

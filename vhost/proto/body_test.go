@@ -1,0 +1,64 @@
+package proto_test
+
+import (
+	"encoding/binary"
+	"testing"
+
+	"vhost-target/vhost/proto"
+)
+
+// TestBodySize checks BodySize against the decoders: a payload of exactly
+// the body size decodes, one byte less does not.
+func TestBodySize(t *testing.T) {
+	decode := map[proto.Request]func(*proto.Msg) error{
+		proto.SetFeatures:    func(m *proto.Msg) error { _, err := proto.U64(m); return err },
+		proto.SetVringCall:   func(m *proto.Msg) error { _, err := proto.U64(m); return err },
+		proto.SetVringEnable: func(m *proto.Msg) error { _, err := proto.DecodeVringState(m); return err },
+		proto.GetVringBase:   func(m *proto.Msg) error { _, err := proto.DecodeVringState(m); return err },
+		proto.SetVringAddr:   func(m *proto.Msg) error { _, err := proto.DecodeVringAddr(m); return err },
+		proto.AddMemReg:      func(m *proto.Msg) error { _, err := proto.DecodeSingleRegion(m); return err },
+	}
+	for req, dec := range decode {
+		n, ok := proto.BodySize(&proto.Msg{Header: proto.Header{Request: req}})
+		if !ok || n == 0 {
+			t.Fatalf("%v: body size %d %v", req, n, ok)
+		}
+		if err := dec(&proto.Msg{Header: proto.Header{Request: req}, Payload: make([]byte, n)}); err != nil {
+			t.Errorf("%v: %d bytes: %v", req, n, err)
+		}
+		if err := dec(&proto.Msg{Header: proto.Header{Request: req}, Payload: make([]byte, n-1)}); err == nil {
+			t.Errorf("%v: %d bytes decoded", req, n-1)
+		}
+	}
+	for _, req := range []proto.Request{proto.GetFeatures, proto.SetOwner, proto.ResetDevice, proto.GetQueueNum} {
+		if n, ok := proto.BodySize(&proto.Msg{Header: proto.Header{Request: req}, Payload: make([]byte, 8)}); n != 0 || !ok {
+			t.Errorf("%v: body size %d %v", req, n, ok)
+		}
+	}
+	for _, req := range []proto.Request{proto.GetConfig, proto.SetConfig, proto.SetLogBase, 99} {
+		if _, ok := proto.BodySize(&proto.Msg{Header: proto.Header{Request: req}}); ok {
+			t.Errorf("%v has a fixed body size", req)
+		}
+	}
+	table := func(nregions uint32, size int) *proto.Msg {
+		p := make([]byte, size)
+		if size >= 4 {
+			binary.LittleEndian.PutUint32(p, nregions)
+		}
+		return &proto.Msg{Header: proto.Header{Request: proto.SetMemTable}, Payload: p}
+	}
+	for _, c := range []struct {
+		n    uint32
+		size int
+		want int
+		ok   bool
+	}{{0, 8, 8, true}, {2, 8 + 8*32, 72, true}, {8, 300, 264, true}, {9, 300, 0, false}, {1, 4, 0, false}} {
+		if n, ok := proto.BodySize(table(c.n, c.size)); n != c.want || ok != c.ok {
+			t.Errorf("SET_MEM_TABLE of %d regions in %d bytes: body %d %v, want %d %v", c.n, c.size, n, ok, c.want, c.ok)
+		}
+	}
+	// A table of 0 regions without fds decodes to no regions.
+	if regs, err := proto.DecodeMemTable(table(0, 8)); err != nil || len(regs) != 0 {
+		t.Errorf("empty memory table: %v %v", regs, err)
+	}
+}
