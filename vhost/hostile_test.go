@@ -357,10 +357,11 @@ func msgCases() []msgCase {
 		// Payloads of the wrong size.
 		{name: "SET_FEATURES 4 bytes", setup: setupNegotiate, send: msgOnly(proto.SetFeatures, make([]byte, 4)),
 			want: "SET_FEATURES has 4 bytes, want 8"},
-		{name: "SET_FEATURES 16 bytes", setup: setupNegotiate, send: msgOnly(proto.SetFeatures, make([]byte, 16)),
-			want: "SET_FEATURES has 16 bytes, want 8"},
-		{name: "SET_VRING_NUM 12 bytes", setup: setupNegotiate, send: msgOnly(proto.SetVringNum, make([]byte, 12)),
-			want: "SET_VRING_NUM has 12 bytes, want 8"},
+		// Longer payloads are tolerated (bytes past the body ignored): peers_test.go.
+		{name: "SET_VRING_NUM 4 bytes", setup: setupNegotiate, send: msgOnly(proto.SetVringNum, make([]byte, 4)),
+			want: "SET_VRING_NUM has 4 bytes, want 8"},
+		{name: "SET_VRING_ENABLE 4 bytes", setup: setupNegotiate, send: msgOnly(proto.SetVringEnable, make([]byte, 4)),
+			want: "SET_VRING_ENABLE has 4 bytes, want 8"},
 		{name: "SET_VRING_ADDR 39 bytes", setup: setupNegotiate, send: msgOnly(proto.SetVringAddr, make([]byte, 39)),
 			want: "SET_VRING_ADDR has 39 bytes, want 40"},
 		{name: "GET_VRING_BASE 4 bytes", setup: setupMemory, send: msgOnly(proto.GetVringBase, make([]byte, 4)),
@@ -376,10 +377,6 @@ func msgCases() []msgCase {
 			send: func(t *testing.T, d *frontend.Device) {
 				sendRaw(t, d, proto.SetMemTable, proto.FlagVersion, []byte{1, 0, 0, 0}, d.MemFDs()...)
 			}, want: "SET_MEM_TABLE has 4 bytes, want 8"},
-		{name: "SET_OWNER with payload", setup: setupNone, send: msgOnly(proto.SetOwner, make([]byte, 8)),
-			want: "SET_OWNER with 8 payload bytes"},
-		{name: "RESET_DEVICE with payload", setup: setupNegotiate, send: msgOnly(proto.ResetDevice, make([]byte, 8)),
-			want: "RESET_DEVICE with 8 payload bytes"},
 
 		// Unknown or unsupported request codes.
 		{name: "request 0", setup: setupNone, send: msgOnly(0, nil), want: "unsupported request REQUEST_0 (0)"},
@@ -396,10 +393,6 @@ func msgCases() []msgCase {
 		{name: "version 3", setup: setupNone,
 			send: func(t *testing.T, d *frontend.Device) { sendRaw(t, d, proto.GetFeatures, 3|proto.FlagNeedReply, nil) },
 			want: "bad header version"},
-		{name: "reply flag on a request", setup: setupNone,
-			send: func(t *testing.T, d *frontend.Device) {
-				sendRaw(t, d, proto.GetFeatures, proto.FlagVersion|proto.FlagReply, nil)
-			}, want: "reply flag set on a request"},
 
 		// Missing fds.
 		{name: "SET_VRING_KICK without fd or no-fd bit", setup: setupMemory, send: msgOnly(proto.SetVringKick, proto.PutU64(2)),
@@ -409,7 +402,7 @@ func msgCases() []msgCase {
 		{name: "SET_MEM_TABLE without fds", setup: setupNegotiate,
 			send: func(t *testing.T, d *frontend.Device) {
 				sendRaw(t, d, proto.SetMemTable, proto.FlagVersion, proto.EncodeMemTable(d.MemTable()))
-			}, want: "0 fds attached, want 1..8"},
+			}, want: "1 regions with 0 fds"},
 		{name: "SET_MEM_TABLE fewer fds than regions", setup: setupNegotiate, opts: two,
 			send: memTable(func(r []proto.MemRegion, f []int) ([]proto.MemRegion, []int) { return r, f[:1] }),
 			want: "2 regions with 1 fds"},
@@ -515,10 +508,10 @@ func msgCases() []msgCase {
 				fd := d.MemFDs()[0]
 				sendRaw(t, d, proto.SetMemTable, proto.FlagVersion, p, fd, fd, fd, fd, fd, fd, fd, fd)
 			}, want: "bad memory region count: 9 regions"},
-		{name: "zero regions", setup: setupNegotiate,
+		{name: "zero regions with an fd", setup: setupNegotiate,
 			send: func(t *testing.T, d *frontend.Device) {
 				sendRaw(t, d, proto.SetMemTable, proto.FlagVersion, make([]byte, proto.MemoryHeaderSize), d.MemFDs()...)
-			}, want: "bad memory region count: 0 regions"},
+			}, want: "bad memory region count: 0 regions with 1 fds"},
 		{name: "bad table replaces a running one", setup: setupStarted,
 			send: memTable(func(r []proto.MemRegion, f []int) ([]proto.MemRegion, []int) {
 				r[0].Size = 0
@@ -557,17 +550,14 @@ func msgCases() []msgCase {
 			send: ringAddr(func(a *proto.VringAddr, d *frontend.Device) { a.Desc = 0x10000 }),
 			want: "descriptor table address"},
 
-		// Ring sizes and indexes.
-		{name: "vring size 0", setup: setupNegotiate, send: msgOnly(proto.SetVringNum, vstate(2, 0)), want: "size 0 is not a power of two"},
+		// Ring sizes and indexes. Size 0, NUM/BASE on a running ring, bases
+		// above 16 bits and unknown bits in a ring fd message are tolerated:
+		// peers_test.go.
 		{name: "vring size 3", setup: setupNegotiate, send: msgOnly(proto.SetVringNum, vstate(2, 3)), want: "size 3 is not a power of two"},
 		{name: "vring size 65536", setup: setupNegotiate, send: msgOnly(proto.SetVringNum, vstate(2, 65536)),
 			want: "size 65536 is not a power of two in 1..32768"},
 		{name: "vring size 0x80000000", setup: setupNegotiate, send: msgOnly(proto.SetVringNum, vstate(0, 1<<31)),
 			want: "is not a power of two"},
-		{name: "SET_VRING_NUM while running", setup: setupStarted, send: msgOnly(proto.SetVringNum, vstate(2, 64)),
-			want: "SET_VRING_NUM while running"},
-		{name: "SET_VRING_BASE above 16 bits", setup: setupNegotiate, send: msgOnly(proto.SetVringBase, vstate(2, 0x10000)),
-			want: "does not fit a split ring"},
 		{name: "SET_VRING_NUM index 66", setup: setupNegotiate, send: msgOnly(proto.SetVringNum, vstate(66, 128)),
 			want: "vring index 66 out of range"},
 		{name: "SET_VRING_ADDR index 1000", setup: setupMemory,
@@ -576,10 +566,8 @@ func msgCases() []msgCase {
 			want: "vring index 4294967295 out of range"},
 		{name: "SET_VRING_KICK index 255", setup: setupMemory, send: sendEventFD(proto.SetVringKick, proto.PutU64(255)),
 			want: "vring index 255 out of range"},
-		{name: "SET_VRING_CALL unknown bits", setup: setupNegotiate, send: sendEventFD(proto.SetVringCall, proto.PutU64(1<<20)),
-			want: "unknown bits"},
-		{name: "SET_VRING_ENABLE 2", setup: setupMemory, send: msgOnly(proto.SetVringEnable, vstate(2, 2)),
-			want: "SET_VRING_ENABLE 2"},
+		{name: "SET_VRING_ENABLE index 66", setup: setupMemory, send: msgOnly(proto.SetVringEnable, vstate(66, 1)),
+			want: "vring index 66 out of range"},
 		{name: "SET_FEATURES packed ring", setup: setupNegotiate,
 			send: msgOnly(proto.SetFeatures, proto.PutU64(1<<proto.FVersion1|1<<proto.FRingPacked)), want: "we do not implement"},
 

@@ -128,7 +128,7 @@ func (s *session) serve() {
 func wantFDs(m *proto.Msg) (min, max int) {
 	switch m.Request {
 	case proto.SetMemTable:
-		return 1, proto.MaxMemRegions
+		return 0, proto.MaxMemRegions // DecodeMemTable requires one per region
 	case proto.SetVringKick, proto.SetVringCall, proto.SetVringErr:
 		if len(m.Payload) == 8 && m.Payload[1]&1 != 0 { // bit 8 of the u64: no fd
 			return 0, 0
@@ -143,8 +143,12 @@ func wantFDs(m *proto.Msg) (min, max int) {
 }
 
 func (s *session) handle(m *proto.Msg) error {
-	if m.Flags&proto.FlagReply != 0 {
-		return protoErr("reply flag set on a request")
+	// The REPLY flag on a request and payload bytes past a message's body are
+	// ignored, as DPDK's lib/vhost and libvhost-user ignore them (both read
+	// the payload into a union); a payload shorter than its body is still
+	// refused by its decoder. See the table in vhost/peers_test.go.
+	if n, ok := proto.BodySize(m); ok && len(m.Payload) > n {
+		m.Payload = m.Payload[:n]
 	}
 	if lo, hi := wantFDs(m); len(m.FDs) < lo || len(m.FDs) > hi {
 		return protoErr("%d fds attached, want %d..%d", len(m.FDs), lo, hi)
@@ -167,21 +171,12 @@ func (s *session) handle(m *proto.Msg) error {
 	case proto.GetQueueNum:
 		err, replied = s.conn.ReplyU64(m.Request, uint64(2+s.c.cfg.NumQueues)), true
 	case proto.SetOwner:
-		if len(m.Payload) != 0 {
-			return protoErr("SET_OWNER with %d payload bytes", len(m.Payload))
-		}
 		s.owner = true
 	case proto.ResetOwner, proto.ResetDevice:
-		if len(m.Payload) != 0 {
-			return protoErr("%v with %d payload bytes", m.Request, len(m.Payload))
-		}
 		s.reset()
 	case proto.SetMemTable:
 		err = s.setMemTable(m)
 	case proto.GetMaxMemSlots:
-		if len(m.Payload) != 0 && len(m.Payload) != 8 {
-			return protoErr("GET_MAX_MEM_SLOTS with %d payload bytes", len(m.Payload))
-		}
 		err, replied = s.conn.ReplyU64(m.Request, maxMemSlots), true
 	case proto.AddMemReg, proto.RemMemReg:
 		err = s.changeMemReg(m)
@@ -213,16 +208,15 @@ func (s *session) handle(m *proto.Msg) error {
 		}
 	case proto.SetLogFD, proto.SetBackendReqFD:
 		// Not offered; accept and drop the fd (closed by the caller).
-		if m.Request == proto.SetBackendReqFD && len(m.Payload) != 0 {
-			return protoErr("SET_BACKEND_REQ_FD with payload")
-		}
 	default:
 		return protoErr("unsupported request %v (%d)", m.Request, uint32(m.Request))
 	}
 	if err != nil {
 		return err
 	}
-	if !replied && m.NeedReply() && s.protoFeatures&(1<<proto.PFReplyAck) != 0 {
+	// NEED_REPLY is answered whether or not REPLY_ACK was negotiated, as DPDK
+	// and libvhost-user answer it: a front-end that asks waits for the ack.
+	if !replied && m.NeedReply() {
 		return s.conn.ReplyU64(m.Request, 0)
 	}
 	return nil
@@ -328,14 +322,18 @@ func (s *session) setVringNum(m *proto.Msg) error {
 	if err != nil {
 		return err
 	}
-	if st.Num == 0 || st.Num&(st.Num-1) != 0 || st.Num > virtq.MaxSize {
+	// Size 0 leaves the ring unconfigured (it never starts), as DPDK and
+	// libvhost-user accept it; other sizes must suit our masks.
+	if st.Num != 0 && (st.Num&(st.Num-1) != 0 || st.Num > virtq.MaxSize) {
 		return protoErr("vring %d: size %d is not a power of two in 1..%d", st.Index, st.Num, virtq.MaxSize)
 	}
 	if v.running() {
-		return protoErr("vring %d: SET_VRING_NUM while running", st.Index)
+		// DPDK and libvhost-user apply a new size to a running ring, SPDK's
+		// target stops the session first: drain and stop it, then restart.
+		s.stop(v)
 	}
 	v.num = st.Num
-	return nil
+	return s.update(v)
 }
 
 func (s *session) setVringAddr(m *proto.Msg) error {
@@ -372,13 +370,13 @@ func (s *session) setVringBase(m *proto.Msg) error {
 		return err
 	}
 	if v.running() {
-		return protoErr("vring %d: SET_VRING_BASE while running", st.Index)
+		// As for SET_VRING_NUM: drain and stop, then restart at the new base.
+		s.stop(v)
 	}
-	if st.Num > 0xffff {
-		return protoErr("vring %d: base %#x does not fit a split ring", st.Index, st.Num)
-	}
+	// A split ring's index is 16 bits; DPDK and libvhost-user keep the low
+	// 16 bits of num and ignore the rest (packed rings use them).
 	v.base = uint16(st.Num)
-	return nil
+	return s.update(v)
 }
 
 // getVringBase stops the ring, draining in-flight requests, then replies with
@@ -403,9 +401,8 @@ func (s *session) setVringFD(m *proto.Msg) error {
 	if err != nil {
 		return err
 	}
-	if val&^uint64(proto.VringIndexMask|proto.VringNoFDBit) != 0 {
-		return protoErr("%v: unknown bits in %#x", m.Request, val)
-	}
+	// Bits 0-7 are the index and bit 8 says "no fd"; DPDK and libvhost-user
+	// ignore the others, and so do we.
 	v, err := s.vringIndex(uint32(val & proto.VringIndexMask))
 	if err != nil {
 		return err
@@ -451,11 +448,10 @@ func (s *session) setVringEnable(m *proto.Msg) error {
 	if err != nil {
 		return err
 	}
-	if st.Num > 1 {
-		return protoErr("vring %d: SET_VRING_ENABLE %d", st.Index, st.Num)
-	}
-	// Arrives for rings that were never configured too (notes A.7): not an error.
-	v.enabled = st.Num == 1
+	// Any non-zero num enables, as in DPDK (!!num) and libvhost-user (a
+	// bool): SPDK's initiator sends the queue size (issue 9). Arrives for
+	// rings that were never configured too (notes A.7): not an error.
+	v.enabled = st.Num != 0
 	return s.update(v)
 }
 
