@@ -211,9 +211,10 @@ func (b *fakeBackend) handle(c *proto.Conn, m *proto.Msg) (bool, error) {
 		case proto.SetVringBase:
 			b.base[s.Index] = uint16(s.Num)
 		default:
-			b.enabled[s.Index] = s.Num == 1
+			// Any non-zero num enables (DPDK, libvhost-user; SPDK sends the queue size).
+			b.enabled[s.Index] = s.Num != 0
 			if r := b.rings[s.Index]; r != nil {
-				r.enabled.Store(s.Num == 1)
+				r.enabled.Store(s.Num != 0)
 			}
 		}
 	case proto.SetVringAddr:

@@ -52,6 +52,21 @@ type Options struct {
 	NeedReplyAll      bool // with REPLY_ACK, ask for an ack on every message that has no reply body
 	SkipControlQueues bool // like SeaBIOS: configure only the request queues
 
+	// Peer picks whose message sequence to play (default PeerQEMU); PeerSPDK
+	// also sets the three options below.
+	Peer Peer
+	// EnableNum is the num sent with SET_VRING_ENABLE to enable a ring
+	// (default 1; PeerSPDK: the queue size, as SPDK's initiator sends it).
+	EnableNum uint32
+	// QueueNumAlways sends GET_QUEUE_NUM even when MQ was not negotiated, as
+	// SPDK's initiator does.
+	QueueNumAlways bool
+	// GPAIsUVA describes guest memory with guest physical address = this
+	// process's virtual address, as SPDK's initiator does ("use vaddr!"):
+	// descriptors and the memory table then carry virtual addresses, and
+	// GPAs no longer start at 0.
+	GPAIsUVA bool
+
 	Timeout      time.Duration // per synchronous operation (default 10 s)
 	Slots        int           // async slots per request queue (default QueueSize)
 	SlotDataSize int           // data buffer per slot (default 64 KiB)
@@ -62,6 +77,33 @@ type Options struct {
 
 const defaultProtocolMask = 1<<proto.PFMQ | 1<<proto.PFReplyAck | 1<<proto.PFResetDevice
 
+// Peer is a front-end whose vhost-user message sequence Dial, Negotiate,
+// Start, Reset and Close play.
+type Peer int
+
+const (
+	// PeerQEMU is QEMU 7.2's vhost-user-scsi (notes A.0): GET_FEATURES,
+	// protocol features, GET_QUEUE_NUM (with MQ), SET_OWNER, CALL and ERR fds
+	// for every vring; at DRIVER_OK SET_FEATURES, SET_MEM_TABLE (NEED_REPLY),
+	// NUM/BASE/ADDR/KICK per ring, SET_VRING_ENABLE 1 for every vring and a
+	// second CALL fd each; stopped with SET_VRING_ENABLE 0 and GET_VRING_BASE,
+	// reset with RESET_DEVICE.
+	PeerQEMU Peer = iota
+	// PeerSPDK is SPDK's virtio-user initiator (bdev_virtio trtype user,
+	// lib/virtio/virtio_vhost_user.c and virtio.c): SET_OWNER right after
+	// connecting; GET_FEATURES, SET_FEATURES (VERSION_1, INOUT, HOTPLUG,
+	// EVENT_IDX, PROTOCOL_FEATURES), then GET/SET_PROTOCOL_FEATURES (MQ and
+	// CONFIG only: no REPLY_ACK, no RESET_DEVICE); SET_VRING_ENABLE with num =
+	// the queue size for every vring when it sets the queue up, before any
+	// memory or ring message; at DRIVER_OK GET_QUEUE_NUM whether or not MQ was
+	// negotiated, a CALL fd per vring (once, no ERR fds), SET_MEM_TABLE with
+	// GPA = UVA and mmap_offset 0, GET_FEATURES as a barrier (it has no
+	// REPLY_ACK), then NUM, BASE 0, ADDR (log 0), KICK per vring; stopped with
+	// GET_VRING_BASE per vring only (never SET_VRING_ENABLE 0), reset by
+	// negotiating the features again.
+	PeerSPDK
+)
+
 func (o *Options) fill() error {
 	if o.NumQueues == 0 {
 		o.NumQueues = 1
@@ -71,6 +113,20 @@ func (o *Options) fill() error {
 	}
 	if o.Regions == 0 {
 		o.Regions = 1
+	}
+	if o.Peer == PeerSPDK {
+		// virtio_user_setup_queue sends SET_VRING_ENABLE with the
+		// {index, num = vq_nentries} state it describes the queue with.
+		if o.EnableNum == 0 {
+			o.EnableNum = uint32(o.QueueSize)
+		}
+		o.QueueNumAlways, o.GPAIsUVA = true, true
+		if o.ProtocolMask == 0 {
+			o.ProtocolMask = 1<<proto.PFMQ | 1<<proto.PFConfig // VIRTIO_USER_SUPPORTED_PROTOCOL_FEATURES
+		}
+	}
+	if o.EnableNum == 0 {
+		o.EnableNum = 1
 	}
 	if o.ProtocolMask == 0 {
 		o.ProtocolMask = defaultProtocolMask
@@ -97,6 +153,8 @@ func (o *Options) fill() error {
 		return fmt.Errorf("frontend: queue size %d is not a power of two <= 32768", o.QueueSize)
 	case o.Regions != 1 && o.Regions != 2:
 		return fmt.Errorf("frontend: %d regions (want 1 or 2)", o.Regions)
+	case o.Peer != PeerQEMU && o.Peer != PeerSPDK:
+		return fmt.Errorf("frontend: unknown peer %d", o.Peer)
 	case o.Slots < 0 || o.SlotDataSize < 0 || o.ScratchSize < 0 || o.EventBuffers > int(o.QueueSize):
 		return fmt.Errorf("frontend: bad slot/scratch/event sizes")
 	}
@@ -138,7 +196,8 @@ func NewUnstarted(socket string, o Options) (*Device, error) {
 	return d, nil
 }
 
-// Dial connects and runs the QEMU 7.2 start sequence (notes A.0).
+// Dial connects and runs the QEMU 7.2 start sequence (notes A.0), or
+// Options.Peer's.
 func Dial(socket string, o Options) (*Device, error) {
 	d, err := NewUnstarted(socket, o)
 	if err != nil {
@@ -179,6 +238,9 @@ func (d *Device) layout() error {
 		return err
 	}
 	d.mem = mem
+	if o.GPAIsUVA {
+		d.rebase()
+	}
 	for _, q := range d.vrings {
 		q.setup(mem)
 		for i := range q.slots {
@@ -243,6 +305,35 @@ func (d *Device) place(size uint64) error {
 	var err error
 	d.eventGPA, err = a.alloc(uint64(o.EventBuffers*EventSize), 16)
 	return err
+}
+
+// rebase moves every guest address place assigned to the virtual address of
+// the same byte and makes each region's GPA its UVA (Options.GPAIsUVA). Every
+// ring, slot and buffer lies inside one region, so each moves with its own.
+func (d *Device) rebase() {
+	m := d.mem
+	at := func(gpa *uint64) {
+		if uva, ok := m.uva(*gpa); ok {
+			*gpa = uva
+		}
+	}
+	for _, q := range d.vrings {
+		at(&q.descGPA)
+		at(&q.availGPA)
+		at(&q.usedGPA)
+		at(&q.scratchGPA)
+		for i := range q.slots {
+			s := &q.slots[i]
+			at(&s.reqGPA)
+			at(&s.respGPA)
+			at(&s.indGPA)
+			at(&s.DataGPA)
+		}
+	}
+	at(&d.eventGPA)
+	for i := range m.regions {
+		m.regions[i].gpa = m.regions[i].uva()
+	}
 }
 
 // Options returns the options in effect (defaults filled in).
@@ -386,8 +477,16 @@ func newEventFD() (int, error) {
 
 // Negotiate runs the connection-time part of the QEMU sequence: GET_FEATURES,
 // GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM (with MQ), SET_OWNER, and
-// SET_VRING_CALL + SET_VRING_ERR for every vring.
+// SET_VRING_CALL + SET_VRING_ERR for every vring. With PeerSPDK: SET_OWNER,
+// then the feature negotiation (see PeerSPDK).
 func (d *Device) Negotiate() error {
+	if d.o.Peer == PeerSPDK {
+		// virtio_user_dev_init sends SET_OWNER as soon as it is connected.
+		if err := d.Message(proto.SetOwner, false, nil); err != nil {
+			return err
+		}
+		return d.negotiateSPDK()
+	}
 	var err error
 	if d.offered, err = d.callU64(proto.GetFeatures); err != nil {
 		return err
@@ -403,13 +502,8 @@ func (d *Device) Negotiate() error {
 		}
 		d.pf = pf
 	}
-	if d.hasPF(proto.PFMQ) {
-		if d.queueNum, err = d.callU64(proto.GetQueueNum); err != nil {
-			return err
-		}
-		if d.queueNum < uint64(d.o.NumQueues) {
-			return fmt.Errorf("frontend: target supports %d queues, %d request queues wanted", d.queueNum, d.o.NumQueues)
-		}
+	if err := d.getQueueNum(); err != nil {
+		return err
 	}
 	if err := d.Message(proto.SetOwner, false, nil); err != nil {
 		return err
@@ -431,16 +525,99 @@ func (d *Device) Negotiate() error {
 	return nil
 }
 
+// getQueueNum asks GET_QUEUE_NUM when MQ was negotiated, or always with
+// Options.QueueNumAlways.
+func (d *Device) getQueueNum() error {
+	if !d.hasPF(proto.PFMQ) && !d.o.QueueNumAlways {
+		return nil
+	}
+	var err error
+	if d.queueNum, err = d.callU64(proto.GetQueueNum); err != nil {
+		return err
+	}
+	if d.queueNum < uint64(d.o.NumQueues) {
+		return fmt.Errorf("frontend: target supports %d queues, %d request queues wanted", d.queueNum, d.o.NumQueues)
+	}
+	return nil
+}
+
+// negotiateSPDK is SPDK's virtio_negotiate_features: GET_FEATURES,
+// SET_FEATURES, and only then, if PROTOCOL_FEATURES was acked,
+// GET/SET_PROTOCOL_FEATURES.
+func (d *Device) negotiateSPDK() error {
+	var err error
+	if d.offered, err = d.callU64(proto.GetFeatures); err != nil {
+		return err
+	}
+	if err := d.SetFeatures(d.chooseFeatures()); err != nil {
+		return err
+	}
+	if d.features&(1<<proto.FProtocolFeatures) == 0 {
+		d.pf = 0
+		return nil
+	}
+	if d.offeredPF, err = d.callU64(proto.GetProtocolFeatures); err != nil {
+		return err
+	}
+	pf := d.offeredPF & d.o.ProtocolMask
+	if err := d.Message(proto.SetProtocolFeatures, false, proto.PutU64(pf)); err != nil {
+		return err
+	}
+	d.pf = pf
+	return nil
+}
+
+// startSPDK is SPDK's virtio_dev_start: SET_VRING_ENABLE for every vring as
+// it is set up, then virtio_user_start_device (see PeerSPDK).
+func (d *Device) startSPDK() error {
+	if err := d.EnableRings(true); err != nil {
+		return err
+	}
+	if err := d.getQueueNum(); err != nil {
+		return err
+	}
+	for i := range d.vrings {
+		if err := d.SetVringCall(i); err != nil {
+			return err
+		}
+	}
+	if err := d.SetMemTable(); err != nil {
+		return err
+	}
+	// "we send a simple message that always has a response and we wait for
+	// that response": the table is in use once GET_FEATURES is answered.
+	if _, err := d.callU64(proto.GetFeatures); err != nil {
+		return err
+	}
+	for i := range d.vrings {
+		if d.o.SkipControlQueues && i < firstRequest {
+			continue
+		}
+		if err := d.StartRing(i); err != nil {
+			return err
+		}
+	}
+	if d.vrings[EventVring].started {
+		return d.PostEvents()
+	}
+	return nil
+}
+
 // chooseFeatures is the default feature ack.
 func (d *Device) chooseFeatures() uint64 {
 	if d.o.AckFeatures != nil {
 		return d.o.AckFeatures(d.offered)
 	}
 	want := uint64(1)<<proto.FVersion1 | 1<<proto.FVirtioSCSIHotplug | 1<<proto.FVirtioSCSIChange
+	if d.o.Peer == PeerSPDK {
+		// VIRTIO_SCSI_DEV_SUPPORTED_FEATURES, plus VERSION_1 (virtio_dev_reset):
+		// no INDIRECT (SPDK chains descriptors), no CHANGE.
+		want = 1<<proto.FVersion1 | 1<<proto.FVirtioSCSIHotplug | 1<<proto.FVirtioSCSIInOut
+	}
 	if !d.o.NoProtocolFeatures {
 		want |= 1 << proto.FProtocolFeatures
 	}
-	if !d.o.NoIndirect {
+	if !d.o.NoIndirect && d.o.Peer != PeerSPDK {
 		want |= 1 << proto.FRingIndirectDesc
 	}
 	if !d.o.NoEventIdx {
@@ -453,6 +630,9 @@ func (d *Device) chooseFeatures() uint64 {
 // each ring's NUM/BASE/ADDR/KICK, SET_VRING_ENABLE 1 for every vring, a call
 // fd swap (QEMU moves to irqfds while rings run), then posts event buffers.
 func (d *Device) Start() error {
+	if d.o.Peer == PeerSPDK {
+		return d.startSPDK()
+	}
 	if err := d.SetFeatures(d.chooseFeatures()); err != nil {
 		return err
 	}
@@ -518,7 +698,11 @@ func (d *Device) VringAddr(i int) proto.VringAddr {
 	desc, _ := d.mem.uva(q.descGPA)
 	avail, _ := d.mem.uva(q.availGPA)
 	used, _ := d.mem.uva(q.usedGPA)
-	return proto.VringAddr{Index: uint32(i), Desc: desc, Avail: avail, Used: used, Log: q.usedGPA}
+	a := proto.VringAddr{Index: uint32(i), Desc: desc, Avail: avail, Used: used, Log: q.usedGPA}
+	if d.o.Peer == PeerSPDK {
+		a.Log = 0 // virtio_user_set_vring_addr: "disable log"
+	}
+	return a
 }
 
 func (d *Device) SetVringAddr(i int) error {
@@ -555,11 +739,12 @@ func (d *Device) SetVringCall(i int) error {
 	return nil
 }
 
-// SetVringEnable sends SET_VRING_ENABLE for vring i.
+// SetVringEnable sends SET_VRING_ENABLE for vring i: num 0 to disable,
+// Options.EnableNum to enable.
 func (d *Device) SetVringEnable(i int, on bool) error {
 	v := uint32(0)
 	if on {
-		v = 1
+		v = d.o.EnableNum
 	}
 	return d.Message(proto.SetVringEnable, false, proto.VringState{Index: uint32(i), Num: v}.Encode())
 }
@@ -618,8 +803,11 @@ func (d *Device) EnableRings(on bool) error {
 // the target completed every non-raw request first (notes A.4).
 func (d *Device) stop() error {
 	var errs []error
-	if err := d.EnableRings(false); err != nil {
-		return err
+	// SPDK's virtio_user_stop_device sends GET_VRING_BASE only.
+	if d.o.Peer != PeerSPDK {
+		if err := d.EnableRings(false); err != nil {
+			return err
+		}
 	}
 	for i, q := range d.vrings {
 		if !q.started {
@@ -701,12 +889,13 @@ func (d *Device) release() {
 // Reset is the guest-reset cycle: SET_VRING_ENABLE 0 for all, GET_VRING_BASE
 // for started rings, RESET_DEVICE (if negotiated), then the DRIVER_OK part of
 // the start sequence again on the same connection with rings back at base 0
-// (Options.VringBase). Every slot returns to its pool.
+// (Options.VringBase). Every slot returns to its pool. PeerSPDK: GET_VRING_BASE
+// only, then the feature negotiation and the start again.
 func (d *Device) Reset() error {
 	if err := d.stop(); err != nil {
 		return err
 	}
-	if d.hasPF(proto.PFResetDevice) {
+	if d.hasPF(proto.PFResetDevice) && d.o.Peer != PeerSPDK {
 		if err := d.Message(proto.ResetDevice, false, nil); err != nil {
 			return err
 		}
@@ -716,6 +905,12 @@ func (d *Device) Reset() error {
 		q.base = d.o.VringBase
 		q.resetState()
 		q.mu.Unlock()
+	}
+	if d.o.Peer == PeerSPDK {
+		// virtio_dev_reset negotiates the features again before the start.
+		if err := d.negotiateSPDK(); err != nil {
+			return err
+		}
 	}
 	return d.Start()
 }
