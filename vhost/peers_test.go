@@ -321,6 +321,17 @@ func toleratedCases() []tolerated {
 		// A memory table of 0 regions maps nothing; the real one follows.
 		{name: "SET_MEM_TABLE of 0 regions before the real one", setup: setupNegotiate,
 			send: msg(proto.SetMemTable, v, make([]byte, proto.MemoryHeaderSize))},
+
+		// Not new, but not in the Go front-end's QEMU sequence: QEMU 7.2 asks
+		// GET_FEATURES again after SET_OWNER and sends RESET_DEVICE twice
+		// before SET_FEATURES (notes A.0).
+		{name: "QEMU 7.2 init: GET_FEATURES again, RESET_DEVICE twice", setup: setupNegotiate,
+			send: func(t *testing.T, d *frontend.Device) {
+				sendRaw(t, d, proto.GetFeatures, v, nil)
+				recvU64(t, d, proto.GetFeatures)
+				sendRaw(t, d, proto.ResetDevice, v, nil)
+				sendRaw(t, d, proto.ResetDevice, v, nil)
+			}},
 	}
 }
 
