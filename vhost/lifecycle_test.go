@@ -210,3 +210,30 @@ func TestMaxSessionsTwo(t *testing.T) {
 	writeRead(t, dev1, 3)
 	writeRead(t, dev2, 4)
 }
+
+// TestInterruptDrivenStarts connects 25 times per poll mode with a front-end
+// that, like a guest, learns of completions only through its call fd, in
+// QEMU's order (call fds swapped after SET_VRING_ENABLE), and sends its
+// first command and task management function at once: every one must be
+// signalled on the fd the front-end listens to.
+func TestInterruptDrivenStarts(t *testing.T) {
+	for _, mode := range []reactor.Mode{reactor.Busy, reactor.Adaptive} {
+		e := newEnv(t, 1, mode)
+		sock := e.controller(fmt.Sprintf("c%d", mode), 2, lun(0, 0, e.disk("m0", 1<<20, 512)))
+		for i := 0; i < 25; i++ {
+			dev, err := frontend.Dial(sock, frontend.Options{NumQueues: 2, InterruptDriven: true, Timeout: 3 * time.Second})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for q := 0; q < 2; q++ {
+				if r, err := dev.Do(frontend.Command{Queue: q, CDB: []byte{0x12, 0, 0, 0, 36, 0}, DataInLen: 36}); err != nil || r.Status != 0 {
+					t.Fatalf("mode %v connection %d queue %d: INQUIRY: %v", mode, i, q, err)
+				}
+			}
+			if _, err := dev.TMF(0, 0, frontend.TMFLogicalUnitReset, 0); err != nil {
+				t.Fatalf("mode %v connection %d: LUN RESET: %v", mode, i, err)
+			}
+			dev.Close()
+		}
+	}
+}

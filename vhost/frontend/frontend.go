@@ -51,6 +51,11 @@ type Options struct {
 	ProtocolMask      uint64
 	NeedReplyAll      bool // with REPLY_ACK, ask for an ack on every message that has no reply body
 	SkipControlQueues bool // like SeaBIOS: configure only the request queues
+	// InterruptDriven makes Do and Control wait for the call eventfd before
+	// looking at the used ring, as a guest driver does, instead of polling
+	// it: a completion whose interrupt is lost then times out, as it hangs
+	// a guest (issue 9: a polling front-end could never see that bug).
+	InterruptDriven bool
 
 	// Peer picks whose message sequence to play (default PeerQEMU); PeerSPDK
 	// also sets the three options below.

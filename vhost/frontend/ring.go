@@ -464,6 +464,27 @@ func (q *Queue) waitCall(d time.Duration) {
 	q.DrainCall()
 }
 
+// waitCallUntil blocks until the call eventfd fires (and drains it) or the
+// deadline passes; it reports whether it fired.
+func (q *Queue) waitCallUntil(deadline time.Time) bool {
+	for {
+		d := time.Until(deadline)
+		if d <= 0 {
+			return false
+		}
+		fds := [1]unix.PollFd{{Fd: int32(q.callFD), Events: unix.POLLIN}}
+		n, err := unix.Poll(fds[:], int(d/time.Millisecond)+1)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil || n == 0 {
+			return false
+		}
+		q.DrainCall()
+		return true
+	}
+}
+
 // AddRawChain writes descs into len(descs) free table entries and queues one
 // avail entry for the first (unpublished: Kick or SetAvailIdx publishes).
 // Flags are written as given. A Next value below len(descs) names a position

@@ -86,6 +86,21 @@ func (q *Queue) submitOne(descs []Desc, direct bool, what string) (uint32, error
 	q.doDone = false
 	q.Kick()
 	deadline := time.Now().Add(q.d.o.Timeout)
+	if q.d.o.InterruptDriven && q.callFD >= 0 {
+		for {
+			if !q.waitCallUntil(deadline) {
+				q.abandon()
+				return 0, fmt.Errorf("%s on vring %d: no interrupt: %w", what, q.index, ErrTimeout)
+			}
+			q.poll(nil)
+			if q.doDone {
+				return q.doLen, nil
+			}
+			if q.violation != nil {
+				return 0, q.violation
+			}
+		}
+	}
 	for spins := 0; ; spins++ {
 		q.poll(nil)
 		if q.doDone {
