@@ -150,6 +150,7 @@ func (d *Disk) Open() (bdev.Channel, error) {
 		}
 		c.uring, err = newURing(entries)
 		if err == nil {
+			c.uring.registerFile(d.b.FD)
 			c.eng = c.uring
 		}
 	default:

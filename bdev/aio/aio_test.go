@@ -136,6 +136,53 @@ func TestEventFD(t *testing.T) {
 	}
 }
 
+// TestURingSQE checks the SQEs a channel writes: the backing file is the
+// ring's fixed file 0, a one-segment transfer is IORING_OP_READ/WRITE and a
+// two-segment one IORING_OP_READV, and each reads back what was written.
+func TestURingSQE(t *testing.T) {
+	needURing(t)
+	d, _ := kiotest.New(t, factory(EngineURing), 1<<20, 512, 8)
+	ch := kiotest.Open(t, d).(*channel)
+	u := ch.uring
+	if u.fixedFD != d.(*Disk).b.FD {
+		t.Errorf("fixed file %d, backing fd %d", u.fixedFD, d.(*Disk).b.FD)
+	}
+	if !u.plainRW {
+		t.Skip("kernel without IORING_OP_READ/WRITE (before 5.6)")
+	}
+	mem := kiotest.Mem(t, 16384)
+	copy(mem, "one segment")
+	copy(mem[8192+4096:], "second segment")
+	for _, c := range []struct {
+		io     *bdev.IO
+		opcode uint8
+		want   string // what mem[4096:] holds afterwards
+	}{
+		{&bdev.IO{Op: bdev.OpWrite, Offset: 8192, Len: 4096, Iov: [][]byte{mem[:4096]}}, opWrite, ""},
+		{&bdev.IO{Op: bdev.OpRead, Offset: 8192, Len: 4096, Iov: [][]byte{mem[4096:8192]}}, opRead, "one segment"},
+		{&bdev.IO{Op: bdev.OpWrite, Offset: 65536, Len: 8192, Iov: [][]byte{mem[8192:12288], mem[12288:]}}, opWritev, ""},
+		{&bdev.IO{Op: bdev.OpRead, Offset: 65536, Len: 8192, Iov: [][]byte{mem[:4096], mem[4096:8192]}}, opReadv, "second segment"},
+	} {
+		var w kiotest.Waiter
+		c.io.Done = &w
+		ch.Submit(c.io)
+		sqe := u.sqes[(u.tail-1)&u.sqMask]
+		if sqe.opcode != c.opcode || sqe.flags != sqeFixedFile || sqe.fd != 0 {
+			t.Errorf("%v of %d segments: SQE opcode %d flags %#x fd %d, want opcode %d, fixed file 0",
+				c.io.Op, len(c.io.Iov), sqe.opcode, sqe.flags, sqe.fd, c.opcode)
+		}
+		for len(w.Done) == 0 {
+			ch.Poll()
+		}
+		if c.io.Err != nil {
+			t.Fatalf("%v: %v", c.io.Op, c.io.Err)
+		}
+		if got := string(mem[4096 : 4096+len(c.want)]); got != c.want {
+			t.Errorf("%v of %d segments read back %q, want %q", c.io.Op, len(c.io.Iov), got, c.want)
+		}
+	}
+}
+
 func TestFlushDurabilityURing(t *testing.T) {
 	needURing(t)
 	kiotest.Durability(t, "TestFlushDurabilityURing", func(path string) (bdev.Bdev, error) {

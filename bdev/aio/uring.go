@@ -86,6 +86,10 @@ const (
 	opWritev    = 2
 	opFsync     = 3
 	opFallocate = 17
+	opRead      = 22 // 5.6+
+	opWrite     = 23 // 5.6+
+
+	sqeFixedFile = 1 << 0 // IOSQE_FIXED_FILE: fd is an index into the registered files
 
 	fsyncDatasync = 1
 
@@ -102,6 +106,7 @@ const (
 	offCQRing = 0x8000000
 	offSQEs   = 0x10000000
 
+	registerFiles   = 2
 	registerEventFD = 4
 	registerProbe   = 8
 	probeSupported  = 1
@@ -135,6 +140,8 @@ type uring struct {
 	pending            uint32 // SQEs queued and not yet taken by the kernel
 	taskrun            bool   // completions need io_uring_enter(GETEVENTS) when sqTaskrun is set
 	fallocate          bool   // IORING_OP_FALLOCATE is supported (5.6+)
+	plainRW            bool   // IORING_OP_READ and IORING_OP_WRITE are supported (5.6+)
+	fixedFD            int    // the fd registered as fixed file 0, or -1
 	eventFD            int
 }
 
@@ -151,13 +158,31 @@ func newURing(entries uint32) (*uring, error) {
 	if err != nil {
 		return nil, fmt.Errorf("io_uring_setup: %w", err)
 	}
-	u := &uring{fd: fd, taskrun: p.flags&setupTaskrunFlag != 0, eventFD: -1}
+	u := &uring{fd: fd, taskrun: p.flags&setupTaskrunFlag != 0, fixedFD: -1, eventFD: -1}
 	if err := u.mapRings(&p); err != nil {
 		u.close()
 		return nil, err
 	}
-	u.fallocate = u.probe(opFallocate)
+	var pr uringProbe
+	if u.probe(&pr) {
+		u.fallocate = pr.supports(opFallocate)
+		u.plainRW = pr.supports(opRead) && pr.supports(opWrite)
+	}
 	return u, nil
+}
+
+// registerFile makes fd the ring's fixed file 0, so that SQEs on it name
+// the index (IOSQE_FIXED_FILE) and the kernel takes no file reference per
+// request: fdget/fdput are atomic operations on the file's count in a
+// multi-threaded process such as this one. On failure (a kernel or
+// seccomp profile refusing IORING_REGISTER_FILES) SQEs carry fd as before.
+func (u *uring) registerFile(fd int) {
+	fds := [1]int32{int32(fd)}
+	_, _, e := unix.Syscall6(unix.SYS_IO_URING_REGISTER, uintptr(u.fd), registerFiles,
+		uintptr(unsafe.Pointer(&fds[0])), 1, 0, 0)
+	if e == 0 {
+		u.fixedFD = fd
+	}
 }
 
 func (u *uring) mapRings(p *uringParams) error {
@@ -188,16 +213,18 @@ func (u *uring) mapRings(p *uringParams) error {
 	return nil
 }
 
-// probe reports whether the kernel supports opcode (IORING_REGISTER_PROBE,
-// 5.6+; a kernel without it has no opcode newer than 5.5 either).
-func (u *uring) probe(opcode uint8) bool {
-	var pr uringProbe
+// probe fills pr with the opcodes the kernel supports (IORING_REGISTER_PROBE,
+// 5.6+; a kernel without it has no opcode newer than 5.5 either, and probe
+// returns false).
+func (u *uring) probe(pr *uringProbe) bool {
 	_, _, e := unix.Syscall6(unix.SYS_IO_URING_REGISTER, uintptr(u.fd), registerProbe,
-		uintptr(unsafe.Pointer(&pr)), uintptr(len(pr.ops)), 0, 0)
-	if e != 0 || opcode > pr.lastOp {
-		return false
-	}
-	return pr.ops[opcode].flags&probeSupported != 0
+		uintptr(unsafe.Pointer(pr)), uintptr(len(pr.ops)), 0, 0)
+	return e == 0
+}
+
+// supports reports whether the probed kernel supports opcode.
+func (pr *uringProbe) supports(opcode uint8) bool {
+	return opcode <= pr.lastOp && pr.ops[opcode].flags&probeSupported != 0
 }
 
 // supports reports whether the ring can run k itself.
@@ -220,14 +247,29 @@ func (u *uring) queue(fd int, s *kio.Slot) {
 	idx := u.tail & u.sqMask
 	sqe := &u.sqes[idx]
 	*sqe = uringSQE{fd: int32(fd), userData: uint64(s.Index)}
+	if fd == u.fixedFD {
+		sqe.fd, sqe.flags = 0, sqeFixedFile
+	}
 	k := &s.K
 	switch k.Kind {
 	case kio.KindRead, kio.KindWrite:
+		sqe.off = k.Off
+		if k.NIov == 1 && u.plainRW {
+			// One segment (a 4 KiB guest read is): IORING_OP_READ/WRITE
+			// take the buffer itself, so the kernel copies and checks no
+			// iovec array per request.
+			sqe.opcode = opRead
+			if k.Kind == kio.KindWrite {
+				sqe.opcode = opWrite
+			}
+			sqe.addr = uint64(uintptr(unsafe.Pointer(s.Iovecs[0].Base)))
+			sqe.len = uint32(s.Iovecs[0].Len) // ≤ kio.BounceBytes or a guest buffer ≤ 4 MiB
+			break
+		}
 		sqe.opcode = opReadv
 		if k.Kind == kio.KindWrite {
 			sqe.opcode = opWritev
 		}
-		sqe.off = k.Off
 		sqe.addr = uint64(uintptr(unsafe.Pointer(&s.Iovecs[0])))
 		sqe.len = uint32(k.NIov)
 	case kio.KindSync:
