@@ -46,6 +46,7 @@ type Core struct {
 	bounce    [][]byte // free bounce buffers
 
 	backlog  []*Slot // slots the pool refused (all worker rings full), in order
+	pooled   int     // slots handed to ToPool and not yet back from the done ring
 	done     *reactor.Ring[*Slot]
 	eventFD  atomic.Int32 // -1, or an eventfd written after each pool completion
 	inflight int
@@ -156,14 +157,20 @@ func (c *Core) Complete(s *Slot) {
 // ToPool hands s to a pool worker; if every worker ring is full it keeps s
 // and PollPool tries again.
 func (c *Core) ToPool(p *Pool, s *Slot) {
+	c.pooled++
 	if len(c.backlog) > 0 || !p.Push(s) {
 		c.backlog = append(c.backlog, s) // capacity is the queue depth: never grows
 	}
 }
 
 // PollPool retries the backlog and completes the slots pool workers have
-// finished. It returns how many it completed.
+// finished. It returns how many it completed. With nothing at the pool (an
+// aio channel's usual state) it returns without touching the shared ring:
+// it runs on every reactor pass.
 func (c *Core) PollPool(p *Pool) int {
+	if c.pooled == 0 {
+		return 0
+	}
 	if len(c.backlog) > 0 {
 		n := 0
 		for n < len(c.backlog) && p.Push(c.backlog[n]) {
@@ -179,6 +186,7 @@ func (c *Core) PollPool(p *Pool) int {
 		if !ok {
 			return work
 		}
+		c.pooled--
 		c.Complete(s)
 		work++
 	}
