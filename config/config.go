@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"time"
 )
@@ -105,6 +106,10 @@ const (
 	SocketModeDefault = 0o600
 
 	MetricsListenDefault = "127.0.0.1:9478"
+
+	// RPCSocketName is the JSON-RPC socket's file name in SocketDir when
+	// [rpc] socket is absent. A controller cannot take this name.
+	RPCSocketName = "rpc.sock"
 )
 
 // Config is a validated target configuration.
@@ -112,6 +117,7 @@ type Config struct {
 	// SocketDir holds one vhost-user socket per controller, named after it.
 	SocketDir   string
 	Metrics     Metrics
+	RPC         RPC
 	Reactors    Reactors
 	Bdevs       []Bdev
 	Controllers []Controller
@@ -125,6 +131,21 @@ type Metrics struct {
 	// Listen is the host:port of the HTTP endpoint serving /metrics;
 	// "" disables it.
 	Listen string
+}
+
+// RPC configures the JSON-RPC management socket.
+type RPC struct {
+	// Socket is the unix socket's path; "" disables the RPC server. Default
+	// SocketDir/RPCSocketName.
+	Socket string
+	// SocketMode is the socket file's permission bits (at most 0o777).
+	// Whoever can connect can create, delete and resize disks: 0600 by
+	// default, like controller sockets.
+	SocketMode uint32
+	// SocketOwner and SocketGroup, when not "", are the user and group the
+	// socket file is given, by name or numeric id.
+	SocketOwner string
+	SocketGroup string
 }
 
 // Reactors configures the polling threads.
@@ -224,7 +245,8 @@ func Load(path string) (*Config, error) {
 }
 
 // Default returns the built-in configuration: one reactor on the first CPU
-// this process may run on, busy polling, metrics on 127.0.0.1:9478, a 256 MiB
+// this process may run on, busy polling, metrics on 127.0.0.1:9478, the
+// JSON-RPC socket at DefaultSocketDir()/rpc.sock, a 256 MiB
 // malloc bdev "mem0" with 512-byte blocks (hugepages "auto"), and a controller "vhost.0" offering
 // NumQueuesDefault request queues with mem0 at target 0, LUN 0. It is valid.
 func Default() *Config {
@@ -232,6 +254,7 @@ func Default() *Config {
 	c := &Config{
 		SocketDir: DefaultSocketDir(),
 		Metrics:   Metrics{Listen: MetricsListenDefault},
+		RPC:       RPC{Socket: filepath.Join(DefaultSocketDir(), RPCSocketName), SocketMode: SocketModeDefault},
 		Reactors:  Reactors{CPUs: []int{cpu}, Poll: PollBusy},
 		Bdevs: []Bdev{{
 			Name:      "mem0",
@@ -279,6 +302,41 @@ func DefaultSocketDir() string {
 // SocketPath is the path of ctrl's vhost-user socket: SocketDir/<name>.
 func (c *Config) SocketPath(ctrl *Controller) string {
 	return filepath.Join(c.SocketDir, ctrl.Name)
+}
+
+// SetSource names where c came from ("rpc", a file name) in the errors
+// Validate returns, so runtime changes checked by Validate read like file
+// errors with another origin.
+func (c *Config) SetSource(source string) { c.source = source }
+
+// Source returns the name set by Parse or SetSource.
+func (c *Config) Source() string { return c.source }
+
+// Clone returns a deep copy of c: runtime changes are made to a copy,
+// validated whole, and only then become the running configuration.
+func (c *Config) Clone() *Config {
+	n := *c
+	n.Reactors.CPUs = slices.Clone(c.Reactors.CPUs)
+	n.Bdevs = slices.Clone(c.Bdevs)
+	for i := range n.Bdevs {
+		n.Bdevs[i].Inject = slices.Clone(c.Bdevs[i].Inject)
+	}
+	n.Controllers = slices.Clone(c.Controllers)
+	for i := range n.Controllers {
+		n.Controllers[i].CPUs = slices.Clone(c.Controllers[i].CPUs)
+		n.Controllers[i].LUNs = slices.Clone(c.Controllers[i].LUNs)
+	}
+	return &n
+}
+
+// Controller returns the controller called name, or nil.
+func (c *Config) Controller(name string) *Controller {
+	for i := range c.Controllers {
+		if c.Controllers[i].Name == name {
+			return &c.Controllers[i]
+		}
+	}
+	return nil
 }
 
 // Bdev returns the bdev called name, or nil.

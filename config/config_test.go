@@ -30,6 +30,10 @@ socket_dir = "/run/vt"
 [metrics]
 listen = "[::1]:9100"
 
+[rpc]
+socket_mode = "0660"
+socket_group = "0"
+
 [reactors]
 cpus = [@CPU@]
 poll = "adaptive"
@@ -108,6 +112,7 @@ func TestParseFullExample(t *testing.T) {
 	want := &Config{
 		SocketDir: "/run/vt",
 		Metrics:   Metrics{Listen: "[::1]:9100"},
+		RPC:       RPC{Socket: "/run/vt/rpc.sock", SocketMode: 0o660, SocketGroup: "0"},
 		Reactors:  Reactors{CPUs: []int{cpu}, Poll: PollAdaptive},
 		Bdevs: []Bdev{
 			{Name: "mem0", Type: TypeMalloc, Size: 1 << 30, BlockSize: 512, Hugepages: HugepagesAuto, UUID: BdevUUID("mem0")},
@@ -404,8 +409,14 @@ func TestParseErrors(t *testing.T) {
 			[]string{`controller[0] "vhost.0": lun[0].target: required`}, 0},
 		{"lun range", head + mallocBdev + "[[controller]]\nname = \"vhost.0\"\n[[controller.lun]]\ntarget = 0\nlun = 16384\nbdev = \"mem0\"\n",
 			[]string{`controller[0] "vhost.0": lun[0].lun: 16384 is out of range 0..16383`}, 0},
-		{"no luns", head + mallocBdev + "[[controller]]\nname = \"vhost.0\"\n",
-			[]string{`controller[0] "vhost.0": lun: at least one [[controller.lun]] is required`}, 0},
+		{"rpc socket relative", head + "[rpc]\nsocket = \"r.sock\"\n" + mallocBdev + ctrl0,
+			[]string{`rpc.socket: "r.sock" is not an absolute path`}, 0},
+		{"rpc socket is a controller's", head + "[rpc]\nsocket = \"/tmp/vt/vhost.0\"\n" + mallocBdev + ctrl0,
+			[]string{`rpc.socket: "/tmp/vt/vhost.0" is also the socket of controller[0] "vhost.0"`}, 0},
+		{"rpc socket mode", head + "[rpc]\nsocket_mode = \"1777\"\n" + mallocBdev + ctrl0,
+			[]string{`rpc.socket_mode: "1777" has bits above 0777`}, 0},
+		{"rpc socket owner", head + "[rpc]\nsocket_owner = \"no-such-user-xyz\"\n" + mallocBdev + ctrl0,
+			[]string{`rpc.socket_owner: unknown user "no-such-user-xyz"`}, 0},
 		{"controller name slash", head + mallocBdev + strings.Replace(ctrl0, "vhost.0", "a/b", 1),
 			[]string{`controller[0] "a/b": name: "a/b" contains '/'`}, 0},
 		{"controller name dotdot", head + mallocBdev + strings.Replace(ctrl0, "vhost.0", "..", 1),
@@ -582,7 +593,9 @@ func TestSocketPathLength(t *testing.T) {
 	const name = "vhost.0"
 	for _, n := range []int{107, 108} {
 		dir := "/" + strings.Repeat("d", n-len(name)-2) // "/" + d... + "/" + name
-		text := strings.Replace(head, "/tmp/vt", dir, 1) + mallocBdev + ctrl0
+		// The RPC socket (default socket_dir/rpc.sock) is placed elsewhere:
+		// this test is about the controller's path.
+		text := strings.Replace(head, "/tmp/vt", dir, 1) + "[rpc]\nsocket = \"/tmp/r.sock\"\n" + mallocBdev + ctrl0
 		c, err := Parse([]byte(withCPU(text)), "s.toml")
 		if n <= SocketPathMax {
 			if err != nil {

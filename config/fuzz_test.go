@@ -1,10 +1,12 @@
 // FuzzParse feeds arbitrary bytes to Parse. Goal: Parse never panics, and
-// whatever it accepts is a Config that Validate accepts again and whose
-// sockets fit in sun_path; every rejection names the source. Method: seeds
+// whatever it accepts is a Config that Validate accepts again, whose
+// sockets fit in sun_path, and that Encode writes back to an equal Config
+// (save_config); every rejection names the source. Method: seeds
 // are the committed corpus (testdata/fuzz/FuzzParse) plus the test texts.
 package config
 
 import (
+	"reflect"
 	"strings"
 	"testing"
 )
@@ -37,7 +39,7 @@ func FuzzParse(f *testing.F) {
 			if p := c.SocketPath(ctrl); len(p) > SocketPathMax {
 				t.Fatalf("socket path %q too long", p)
 			}
-			if len(ctrl.LUNs) == 0 || ctrl.NumQueues < 1 || ctrl.NumQueues > NumQueuesMax {
+			if ctrl.NumQueues < 1 || ctrl.NumQueues > NumQueuesMax {
 				t.Fatalf("accepted controller %+v", ctrl)
 			}
 			for _, l := range ctrl.LUNs {
@@ -49,6 +51,17 @@ func FuzzParse(f *testing.F) {
 					t.Fatalf("accepted bdev %+v", b)
 				}
 			}
+		}
+			out, err := c.Encode("")
+		if err != nil {
+			t.Fatalf("accepted config does not encode: %v", err)
+		}
+		back, err := Parse(out, "fuzz.toml")
+		if err != nil {
+			t.Fatalf("encoded config does not parse: %v\n%s", err, out)
+		}
+		if !reflect.DeepEqual(back, c) {
+			t.Fatalf("encode/parse changed the config:\n%+v\n%+v\n%s", c, back, out)
 		}
 	})
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -20,6 +21,7 @@ import (
 type rawConfig struct {
 	SocketDir   *string         `toml:"socket_dir"`
 	Metrics     rawMetrics      `toml:"metrics"`
+	RPC         rawRPC          `toml:"rpc"`
 	Reactors    rawReactors     `toml:"reactors"`
 	Bdevs       []rawBdev       `toml:"bdev"`
 	Controllers []rawController `toml:"controller"`
@@ -27,6 +29,13 @@ type rawConfig struct {
 
 type rawMetrics struct {
 	Listen *string `toml:"listen"`
+}
+
+type rawRPC struct {
+	Socket      *string `toml:"socket"`
+	SocketMode  any     `toml:"socket_mode"`
+	SocketOwner string  `toml:"socket_owner"`
+	SocketGroup string  `toml:"socket_group"`
 }
 
 type rawReactors struct {
@@ -195,6 +204,18 @@ func fromRaw(raw *rawConfig, errs *errorList) *Config {
 	c.Metrics.Listen = MetricsListenDefault
 	if raw.Metrics.Listen != nil {
 		c.Metrics.Listen = *raw.Metrics.Listen
+	}
+	c.RPC = RPC{Socket: filepath.Join(c.SocketDir, RPCSocketName), SocketMode: SocketModeDefault,
+		SocketOwner: raw.RPC.SocketOwner, SocketGroup: raw.RPC.SocketGroup}
+	if raw.RPC.Socket != nil {
+		c.RPC.Socket = *raw.RPC.Socket
+	}
+	if raw.RPC.SocketMode != nil {
+		mode, err := socketModeValue(raw.RPC.SocketMode)
+		if err != nil {
+			errs.addf("rpc.socket_mode", "%v", err)
+		}
+		c.RPC.SocketMode = mode
 	}
 	c.Reactors.CPUs = []int{allowedCPUs()[0]}
 	if raw.Reactors.CPUs != nil {

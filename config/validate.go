@@ -36,6 +36,7 @@ func (c *Config) validate(errs *errorList) {
 			errs.addf("metrics.listen", "%v", err)
 		}
 	}
+	c.validateRPC(errs)
 	allowed := allowedCPUs()
 	if len(c.Reactors.CPUs) == 0 {
 		errs.addf("reactors.cpus", "must list at least one CPU")
@@ -256,9 +257,9 @@ func (c *Config) validateController(ctrl *Controller, e *errorList) {
 	if _, err := lookupID(ctrl.SocketGroup, true); err != nil {
 		e.addf("socket_group", "%v", err)
 	}
-	if len(ctrl.LUNs) == 0 {
-		e.addf("lun", "at least one [[controller.lun]] is required")
-	}
+	// A controller without LUNs is valid, as in SPDK (vhost_create_scsi_controller
+	// then vhost_scsi_controller_add_target): its guest sees an empty HBA
+	// until LUNs are added at runtime.
 	for j, l := range ctrl.LUNs {
 		key := "lun[" + strconv.Itoa(j) + "]"
 		if l.LUN > LUNMax {
@@ -278,6 +279,45 @@ func (c *Config) validateController(ctrl *Controller, e *errorList) {
 			}
 		}
 	}
+}
+
+func (c *Config) validateRPC(errs *errorList) {
+	r := &c.RPC
+	if r.Socket != "" {
+		switch {
+		case !filepath.IsAbs(r.Socket):
+			errs.addf("rpc.socket", "%q is not an absolute path", r.Socket)
+		case strings.IndexByte(r.Socket, 0) >= 0:
+			errs.addf("rpc.socket", "contains a NUL byte")
+		case len(r.Socket) > SocketPathMax:
+			errs.addf("rpc.socket", "%q is %d bytes, more than the %d a unix socket allows", r.Socket, len(r.Socket), SocketPathMax)
+		}
+		for i := range c.Controllers {
+			if filepath.IsAbs(c.SocketDir) && c.Controllers[i].Name != "" && filepath.Clean(r.Socket) == c.SocketPath(&c.Controllers[i]) {
+				errs.addf("rpc.socket", "%q is also the socket of controller[%d] %q", r.Socket, i, c.Controllers[i].Name)
+			}
+		}
+	}
+	if r.SocketMode > 0o777 {
+		errs.addf("rpc.socket_mode", "%#o has bits above 0777", r.SocketMode)
+	}
+	if _, err := lookupID(r.SocketOwner, false); err != nil {
+		errs.addf("rpc.socket_owner", "%v", err)
+	}
+	if _, err := lookupID(r.SocketGroup, true); err != nil {
+		errs.addf("rpc.socket_group", "%v", err)
+	}
+}
+
+// SocketIDs resolves the RPC socket's owner and group as Controller.SocketIDs does.
+func (r *RPC) SocketIDs() (uid, gid int, err error) {
+	if uid, err = lookupID(r.SocketOwner, false); err != nil {
+		return -1, -1, fmt.Errorf("config: rpc.socket_owner: %w", err)
+	}
+	if gid, err = lookupID(r.SocketGroup, true); err != nil {
+		return -1, -1, fmt.Errorf("config: rpc.socket_group: %w", err)
+	}
+	return uid, gid, nil
 }
 
 // SocketIDs resolves SocketOwner and SocketGroup (names or numeric ids) to
