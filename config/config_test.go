@@ -761,13 +761,13 @@ func TestBdevUUID(t *testing.T) {
 	if got := FormatUUID(a); got != "68f1539f-db05-5bef-ba5d-2287674ae474" {
 		t.Errorf("BdevUUID(mem0) = %s", got)
 	}
-	u, err := parseUUID(FormatUUID(a))
+	u, err := ParseUUID(FormatUUID(a))
 	if err != nil || u != a {
 		t.Errorf("round trip: %v, %v", u, err)
 	}
 	for _, bad := range []string{"", "68f1539f-db05-5bef-ba5d-2287674ae47", "68f1539fxdb05-5bef-ba5d-2287674ae474", "g8f1539f-db05-5bef-ba5d-2287674ae474"} {
-		if _, err := parseUUID(bad); err == nil {
-			t.Errorf("parseUUID(%q) accepted", bad)
+		if _, err := ParseUUID(bad); err == nil {
+			t.Errorf("ParseUUID(%q) accepted", bad)
 		}
 	}
 }

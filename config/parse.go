@@ -294,7 +294,7 @@ func bdevFromRaw(rb *rawBdev, errs *errorList) Bdev {
 		b.Inject = append(b.Inject, injectFromRaw(&rb.Inject[j], "inject["+strconv.Itoa(j)+"]", errs))
 	}
 	if rb.UUID != "" {
-		u, err := parseUUID(rb.UUID)
+		u, err := ParseUUID(rb.UUID)
 		if err != nil {
 			errs.addf("uuid", "%v", err)
 		}

@@ -42,8 +42,8 @@ func FormatUUID(u [16]byte) string {
 	return string(b[:])
 }
 
-// parseUUID accepts only the canonical 8-4-4-4-12 hex form (either case).
-func parseUUID(s string) ([16]byte, error) {
+// ParseUUID accepts only the canonical 8-4-4-4-12 hex form (either case).
+func ParseUUID(s string) ([16]byte, error) {
 	var u [16]byte
 	if len(s) != 36 || s[8] != '-' || s[13] != '-' || s[18] != '-' || s[23] != '-' {
 		return u, fmt.Errorf("%q is not a UUID in the form xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx", s)
