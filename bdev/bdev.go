@@ -77,7 +77,11 @@ var (
 	ErrNotSup   = errors.New("bdev: operation not supported")
 )
 
-// Info describes a bdev. It does not change while the bdev is open.
+// Info describes a bdev. An Info a bdev has handed out never changes: a
+// capacity change (Resizer, Rescanner) publishes a new Info, and Bdev.Info
+// returns the newest. Whoever needs one consistent geometry keeps the
+// pointer it got (a SCSI LUN is built over one), so a resize can never tear
+// a reader's view of the device, and readers need no lock.
 type Info struct {
 	Name      string
 	Type      string // "malloc", "file", "aio"
@@ -98,6 +102,8 @@ type Info struct {
 
 // Bdev is a block device shared by all reactors.
 type Bdev interface {
+	// Info returns the current description. The Info pointed to is never
+	// modified; it is replaced when the capacity changes.
 	Info() *Info
 	// Open returns a channel for the calling reactor. A channel is used by
 	// one goroutine only.
@@ -119,6 +125,35 @@ type Channel interface {
 	// Close waits for nothing: the caller drains InFlight to 0 first.
 	Close() error
 }
+
+// Resizer is implemented by bdevs whose capacity can be changed by the target
+// (bdev_resize). newSize is in bytes, a positive multiple of the block size.
+//
+// Growing is always allowed. Shrinking is refused (an error wrapping
+// ErrInUse) while any channel of the bdev is open, as SPDK's
+// spdk_bdev_notify_blockcnt_change refuses to shrink an open bdev with
+// -EBUSY: the blocks cut off could hold data a guest is using. On success
+// Info returns a new Info with the new NumBlocks, and IOs checked after
+// Resize returns see the new size; an IO already in flight finishes with the
+// size it was checked against. Tell the LUNs over the bdev (vhost
+// Controller.CapacityChanged) so the guests learn of it.
+type Resizer interface {
+	Resize(newSize uint64) error
+}
+
+// Rescanner is implemented by bdevs over a backing store whose size can be
+// changed from outside (a file grown by another process, a block device
+// resized): Rescan re-reads the backing store's size (SPDK's bdev_aio_rescan)
+// and serves all of it, rounded down to the block size. changed says whether
+// NumBlocks changed. The shrink rule of Resizer applies: a smaller backing
+// store is refused while a channel is open, and the served size stays.
+type Rescanner interface {
+	Rescan() (changed bool, err error)
+}
+
+// ErrInUse is wrapped by the error of a Resize or Rescan that would shrink a
+// bdev that is open.
+var ErrInUse = errors.New("bdev: shrinking a device that is open")
 
 // Waker is implemented by channels whose completions arrive asynchronously
 // (kernel-backed bdevs). A reactor that wants to sleep while IOs are in

@@ -52,7 +52,6 @@ type Config struct {
 
 // Disk is an aio bdev.
 type Disk struct {
-	info       bdev.Info
 	b          *kio.Backing
 	engine     string // EngineURing or EngineLibaio, after "auto" is resolved
 	queueDepth int
@@ -80,7 +79,8 @@ func New(c Config) (*Disk, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Disk{info: b.Info("aio", c.UUID), b: b, engine: engine, queueDepth: c.QueueDepth, pool: kio.NewPool(1)}, nil
+	b.Describe("aio", c.UUID)
+	return &Disk{b: b, engine: engine, queueDepth: c.QueueDepth, pool: kio.NewPool(1)}, nil
 }
 
 // chooseEngine resolves "auto" by creating (and closing) a small io_uring.
@@ -111,8 +111,20 @@ func chooseEngine(want string, log *slog.Logger, name string) (string, error) {
 // Engine returns the engine in use: EngineURing or EngineLibaio.
 func (d *Disk) Engine() string { return d.engine }
 
-// Info describes the disk.
-func (d *Disk) Info() *bdev.Info { return &d.info }
+// Info describes the disk: the newest description (bdev.Info).
+func (d *Disk) Info() *bdev.Info { return d.b.Info() }
+
+// Resize serves newSize bytes, extending a regular backing file when it is
+// shorter (see kio.Backing.Resize and bdev.Resizer).
+func (d *Disk) Resize(newSize uint64) error { return d.b.Resize(newSize) }
+
+// Rescan serves the backing store's current size (see bdev.Rescanner).
+func (d *Disk) Rescan() (bool, error) { return d.b.Rescan() }
+
+var (
+	_ bdev.Resizer   = (*Disk)(nil)
+	_ bdev.Rescanner = (*Disk)(nil)
+)
 
 // Close stops the helper worker and closes the file. Every channel must be closed.
 func (d *Disk) Close() error {
@@ -166,7 +178,7 @@ func (d *Disk) Open() (bdev.Channel, error) {
 		if c.eng != nil {
 			c.eng.close()
 		}
-		return nil, fmt.Errorf("bdev %q: open channel: %w", d.info.Name, err)
+		return nil, fmt.Errorf("bdev %q: open channel: %w", d.b.Name, err)
 	}
 	return c, nil
 }

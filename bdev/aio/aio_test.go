@@ -39,6 +39,16 @@ func TestSuiteURing(t *testing.T) {
 
 func TestSuiteLibaio(t *testing.T) { kiotest.Suite(t, factory(EngineLibaio)) }
 
+// TestCapacity runs the Resize/Rescan suite (bdev_resize, bdev_aio_rescan)
+// on both engines.
+func TestCapacity(t *testing.T) {
+	t.Run("libaio", func(t *testing.T) { kiotest.CapacitySuite(t, factory(EngineLibaio)) })
+	t.Run("uring", func(t *testing.T) {
+		needURing(t)
+		kiotest.CapacitySuite(t, factory(EngineURing))
+	})
+}
+
 // TestLibaioGetevents runs random I/O with the user-space completion ring
 // disabled, so reaping goes through io_getevents(min_nr 0, timeout 0).
 func TestLibaioGetevents(t *testing.T) {

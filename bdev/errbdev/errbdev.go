@@ -7,6 +7,7 @@ package errbdev
 
 import (
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"vhost-target/bdev"
@@ -39,9 +40,20 @@ type Config struct {
 
 // Disk is an error bdev.
 type Disk struct {
-	info  bdev.Info
+	name  string
+	uuid  [16]byte
 	base  bdev.Bdev
 	rules []Rule
+	bs    uint64 // block size: the base's, which a resize does not change
+	// info is the base's Info under this bdev's name, rebuilt when the base
+	// publishes a new one (a resize), so the geometry follows the base's.
+	info atomic.Pointer[infoCache]
+}
+
+// infoCache is an Info derived from one Info of the base.
+type infoCache struct {
+	base *bdev.Info
+	info bdev.Info
 }
 
 // ParseOp turns a config op name ("read", "write", "flush", "unmap",
@@ -71,13 +83,54 @@ func New(c Config) (*Disk, error) {
 			return nil, fmt.Errorf("error bdev %q: rule %d: LBA range overflows", c.Name, i)
 		}
 	}
-	info := *c.Base.Info()
-	info.Name, info.Type, info.UUID = c.Name, "error", c.UUID
-	return &Disk{info: info, base: c.Base, rules: append([]Rule(nil), c.Rules...)}, nil
+	d := &Disk{name: c.Name, uuid: c.UUID, base: c.Base, rules: append([]Rule(nil), c.Rules...),
+		bs: uint64(c.Base.Info().BlockSize)}
+	d.Info()
+	return d, nil
 }
 
-// Info describes the disk: the base's geometry under this bdev's name.
-func (d *Disk) Info() *bdev.Info { return &d.info }
+// Info describes the disk: the base's current geometry under this bdev's
+// name. A new Info is made only when the base's changes.
+func (d *Disk) Info() *bdev.Info {
+	bi := d.base.Info()
+	if c := d.info.Load(); c != nil && c.base == bi {
+		return &c.info
+	}
+	c := &infoCache{base: bi, info: *bi}
+	c.info.Name, c.info.Type, c.info.UUID = d.name, "error", d.uuid
+	d.info.Store(c)
+	return &c.info
+}
+
+// Resize resizes the base bdev (bdev.Resizer), if it can be resized.
+func (d *Disk) Resize(newSize uint64) error {
+	r, ok := d.base.(bdev.Resizer)
+	if !ok {
+		return fmt.Errorf("error bdev %q: its base bdev %q cannot be resized", d.name, d.base.Info().Name)
+	}
+	if err := r.Resize(newSize); err != nil {
+		return fmt.Errorf("error bdev %q: %w", d.name, err)
+	}
+	return nil
+}
+
+// Rescan rescans the base bdev (bdev.Rescanner), if it can be rescanned.
+func (d *Disk) Rescan() (bool, error) {
+	r, ok := d.base.(bdev.Rescanner)
+	if !ok {
+		return false, fmt.Errorf("error bdev %q: its base bdev %q cannot be rescanned", d.name, d.base.Info().Name)
+	}
+	changed, err := r.Rescan()
+	if err != nil {
+		return false, fmt.Errorf("error bdev %q: %w", d.name, err)
+	}
+	return changed, nil
+}
+
+var (
+	_ bdev.Resizer   = (*Disk)(nil)
+	_ bdev.Rescanner = (*Disk)(nil)
+)
 
 // Close does nothing: the base bdev is closed by its owner.
 func (d *Disk) Close() error { return nil }
@@ -86,14 +139,14 @@ func (d *Disk) Close() error { return nil }
 func (d *Disk) Open() (bdev.Channel, error) {
 	bc, err := d.base.Open()
 	if err != nil {
-		return nil, fmt.Errorf("error bdev %q: %w", d.info.Name, err)
+		return nil, fmt.Errorf("error bdev %q: %w", d.name, err)
 	}
 	return &channel{d: d, base: bc, epoch: time.Now()}, nil
 }
 
 // match returns the first rule io matches, or nil.
 func (d *Disk) match(io *bdev.IO) *Rule {
-	bs := uint64(d.info.BlockSize)
+	bs := d.bs
 	for i := range d.rules {
 		r := &d.rules[i]
 		if r.Op != 0 && r.Op != io.Op {
@@ -216,7 +269,7 @@ func (c *channel) EventFD() int {
 
 func (c *channel) Close() error {
 	if c.nheld > 0 {
-		return fmt.Errorf("error bdev %q: close with %d delayed IOs", c.d.info.Name, c.nheld)
+		return fmt.Errorf("error bdev %q: close with %d delayed IOs", c.d.name, c.nheld)
 	}
 	return c.base.Close()
 }

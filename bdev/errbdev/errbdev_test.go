@@ -220,3 +220,37 @@ func TestNoAllocs(t *testing.T) {
 		t.Errorf("Submit/Poll allocate %v per run", n)
 	}
 }
+
+// TestResizeFollowsBase: the error bdev's geometry is its base's, also after
+// the base is resized through it or directly, and a shrink through it is
+// refused while its channel (which holds one of the base) is open.
+func TestResizeFollowsBase(t *testing.T) {
+	d, base := newDisk(t)
+	before := d.Info()
+	if err := d.Resize(2 << 20); err != nil {
+		t.Fatal(err)
+	}
+	if i := d.Info(); i.NumBlocks != 4096 || i.Name != "err0" || i.Type != "error" || before.NumBlocks != 2048 {
+		t.Fatalf("after Resize through the error bdev: %+v (before: %d blocks)", i, before.NumBlocks)
+	}
+	if err := base.Resize(3 << 20); err != nil {
+		t.Fatal(err)
+	}
+	if n := d.Info().NumBlocks; n != 6144 {
+		t.Fatalf("after resizing the base: %d blocks", n)
+	}
+	if d.Info() != d.Info() {
+		t.Error("Info makes a new description on every call")
+	}
+	ch := kiotest.Open(t, d)
+	if err := d.Resize(1 << 20); !errors.Is(err, bdev.ErrInUse) {
+		t.Errorf("shrink with a channel open: %v, want ErrInUse", err)
+	}
+	buf := kiotest.Mem(t, 512)
+	if err := kiotest.Do(t, ch, &bdev.IO{Op: bdev.OpRead, Offset: 3<<20 - 512, Len: 512, Iov: [][]byte{buf}}); err != nil {
+		t.Errorf("read of the grown part: %v", err)
+	}
+	if _, err := d.Rescan(); err == nil {
+		t.Error("rescan of an error bdev over a malloc bdev succeeded")
+	}
+}

@@ -42,7 +42,6 @@ type Config struct {
 
 // Disk is a file bdev.
 type Disk struct {
-	info       bdev.Info
 	b          *kio.Backing
 	pool       *kio.Pool
 	queueDepth int
@@ -64,11 +63,24 @@ func New(c Config) (*Disk, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Disk{info: b.Info("file", c.UUID), b: b, pool: kio.NewPool(c.Workers), queueDepth: c.QueueDepth}, nil
+	b.Describe("file", c.UUID)
+	return &Disk{b: b, pool: kio.NewPool(c.Workers), queueDepth: c.QueueDepth}, nil
 }
 
-// Info describes the disk.
-func (d *Disk) Info() *bdev.Info { return &d.info }
+// Info describes the disk: the newest description (bdev.Info).
+func (d *Disk) Info() *bdev.Info { return d.b.Info() }
+
+// Resize serves newSize bytes, extending a regular backing file when it is
+// shorter (see kio.Backing.Resize and bdev.Resizer).
+func (d *Disk) Resize(newSize uint64) error { return d.b.Resize(newSize) }
+
+// Rescan serves the backing store's current size (see bdev.Rescanner).
+func (d *Disk) Rescan() (bool, error) { return d.b.Rescan() }
+
+var (
+	_ bdev.Resizer   = (*Disk)(nil)
+	_ bdev.Rescanner = (*Disk)(nil)
+)
 
 // Open returns a channel for one reactor.
 func (d *Disk) Open() (bdev.Channel, error) {

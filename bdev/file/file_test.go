@@ -22,6 +22,11 @@ func TestSuite(t *testing.T) {
 	kiotest.Suite(t, factory(2))
 }
 
+// TestCapacity runs the Resize/Rescan suite (bdev_resize, bdev_aio_rescan).
+func TestCapacity(t *testing.T) {
+	kiotest.CapacitySuite(t, factory(2))
+}
+
 func TestOneWorker(t *testing.T) {
 	d, _ := kiotest.New(t, factory(1), 16<<20, 512, 32)
 	kiotest.RandomIO(t, d, kiotest.RandomOptions{Goroutines: 3, Ops: 300, Depth: 8, MaxLen: 64 << 10, Seed: 7, Unaligned: 0.5})

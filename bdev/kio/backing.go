@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"sync"
 	"sync/atomic"
 	"unsafe"
 
@@ -39,7 +40,6 @@ type Backing struct {
 	Path      string
 	File      *os.File
 	FD        int
-	Size      uint64 // bytes served (≤ the file's size at open)
 	BlockSize uint32 // the LUN's block size
 	ReadOnly  bool
 	BlockDev  bool // a block device (BLKDISCARD/BLKZEROOUT) rather than a regular file
@@ -55,6 +55,16 @@ type Backing struct {
 	noZeroRange atomic.Bool
 	// zeroes is a read-only source of zero bytes for that fallback.
 	zeroes []byte
+
+	// size is the bytes served (at most the file's size when it was last
+	// looked at). Reactors load it for every IO's range check; Resize and
+	// Rescan store it, then publish a new info.
+	size atomic.Uint64
+	info atomic.Pointer[bdev.Info]
+	// mu serialises capacity changes with channels opening and closing, so
+	// that a shrink sees a true count of open channels (channels).
+	mu       sync.Mutex
+	channels int
 }
 
 // ZeroBufferBytes is the size of the shared zero buffer used when the
@@ -133,17 +143,16 @@ func (b *Backing) probe(want uint64) error {
 	if err := unix.Fstat(b.FD, &st); err != nil {
 		return fmt.Errorf("fstat: %w", err)
 	}
-	var have uint64
 	switch st.Mode & unix.S_IFMT {
 	case unix.S_IFBLK:
 		b.BlockDev = true
-		if err := ioctlPtr(b.FD, unix.BLKGETSIZE64, unsafe.Pointer(&have)); err != nil {
-			return fmt.Errorf("BLKGETSIZE64: %w", err)
-		}
 	case unix.S_IFREG:
-		have = uint64(st.Size)
 	default:
 		return fmt.Errorf("not a regular file or block device")
+	}
+	have, err := b.storeSize()
+	if err != nil {
+		return err
 	}
 	b.MemAlign, b.OffsetAlign = b.dioAlign()
 	if b.OffsetAlign > b.BlockSize {
@@ -153,14 +162,14 @@ func (b *Backing) probe(want uint64) error {
 	bs := uint64(b.BlockSize)
 	switch {
 	case want == 0:
-		b.Size = have / bs * bs
-		if b.Size == 0 {
+		b.size.Store(have / bs * bs)
+		if have < bs {
 			return fmt.Errorf("the file holds %d bytes, less than one %d-byte block; set a size with create", have, bs)
 		}
 	case want > have:
 		return fmt.Errorf("the file holds %d bytes, less than the configured size %d", have, want)
 	default:
-		b.Size = want
+		b.size.Store(want)
 	}
 	z, err := unix.Mmap(-1, 0, ZeroBufferBytes, unix.PROT_READ, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
 	if err != nil {
@@ -202,21 +211,142 @@ func (b *Backing) Close() error {
 	return err
 }
 
-// Info fills the parts of bdev.Info that the backing store decides.
+// Describe publishes the bdev.Info of the bdev over b (Info returns it); the
+// file and aio bdevs call it once, at open.
 //
 // Unmap: regular files punch holes, which read back as zeroes (LBPRZ); block
 // devices discard, which guarantees nothing about the data read afterwards,
 // so UnmapZeroes is false for them (and SCSI then never turns a zeroing WRITE
 // SAME into an unmap).
-func (b *Backing) Info(typ string, uuid [16]byte) bdev.Info {
-	return bdev.Info{
-		Name: b.Name, Type: typ, BlockSize: b.BlockSize, NumBlocks: b.Size / uint64(b.BlockSize), UUID: uuid,
+func (b *Backing) Describe(typ string, uuid [16]byte) {
+	b.info.Store(&bdev.Info{
+		Name: b.Name, Type: typ, BlockSize: b.BlockSize, NumBlocks: b.size.Load() / uint64(b.BlockSize), UUID: uuid,
 		ReadOnly:    b.ReadOnly,
 		Unmap:       !b.ReadOnly,
 		UnmapZeroes: !b.ReadOnly && !b.BlockDev,
 		WriteZeroes: !b.ReadOnly,
 		WriteCache:  true,
+	})
+}
+
+// Info returns the current description (see bdev.Info: never modified once
+// returned; a capacity change publishes a new one).
+func (b *Backing) Info() *bdev.Info { return b.info.Load() }
+
+// Size returns the bytes served now.
+func (b *Backing) Size() uint64 { return b.size.Load() }
+
+// storeSize returns the backing store's size in bytes: the file's, or the
+// block device's (BLKGETSIZE64).
+func (b *Backing) storeSize() (uint64, error) {
+	if b.BlockDev {
+		var have uint64
+		if err := ioctlPtr(b.FD, unix.BLKGETSIZE64, unsafe.Pointer(&have)); err != nil {
+			return 0, fmt.Errorf("BLKGETSIZE64: %w", err)
+		}
+		return have, nil
 	}
+	var st unix.Stat_t
+	if err := unix.Fstat(b.FD, &st); err != nil {
+		return 0, fmt.Errorf("fstat: %w", err)
+	}
+	return uint64(st.Size), nil
+}
+
+// setSize serves size bytes from now on and publishes a new Info. The
+// caller holds b.mu. Stored before the Info: an IO checked against the new
+// size may run before a reader sees the new Info, never the other way round
+// for a grow (a LUN built over the new Info never sends an IO the channel
+// refuses); a shrink is only made with no channel open.
+func (b *Backing) setSize(size uint64) {
+	b.size.Store(size)
+	info := *b.info.Load()
+	info.NumBlocks = size / uint64(b.BlockSize)
+	b.info.Store(&info)
+}
+
+// Resize serves newSize bytes (bdev.Resizer). A regular file shorter than
+// newSize is extended with ftruncate (sparse: no blocks are allocated); a
+// shrink leaves the file as it is and only serves less, so no data is
+// destroyed by it. A shrink is refused while a channel is open (see
+// bdev.Resizer). Block devices and read-only bdevs cannot be resized by the
+// target: a block device is resized by whoever owns it, then Rescan picks
+// the new size up.
+func (b *Backing) Resize(newSize uint64) error {
+	bs := uint64(b.BlockSize)
+	switch {
+	case newSize == 0 || newSize%bs != 0:
+		return fmt.Errorf("bdev %q: new size %d is not a positive multiple of the block size %d", b.Name, newSize, bs)
+	case b.ReadOnly:
+		return fmt.Errorf("bdev %q: %s is open read-only: it cannot be resized", b.Name, b.Path)
+	case b.BlockDev:
+		return fmt.Errorf("bdev %q: %s is a block device: resize the device itself, then rescan the bdev", b.Name, b.Path)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	cur := b.size.Load()
+	if newSize < cur && b.channels > 0 {
+		return fmt.Errorf("bdev %q: shrink from %d to %d bytes refused while %d channels are open: %w",
+			b.Name, cur, newSize, b.channels, bdev.ErrInUse)
+	}
+	if newSize > cur {
+		have, err := b.storeSize()
+		if err != nil {
+			return fmt.Errorf("bdev %q: %s: %w", b.Name, b.Path, err)
+		}
+		if have < newSize {
+			if err := unix.Ftruncate(b.FD, int64(newSize)); err != nil {
+				return fmt.Errorf("bdev %q: extend %s to %d bytes: %w", b.Name, b.Path, newSize, err)
+			}
+		}
+	}
+	b.setSize(newSize)
+	return nil
+}
+
+// Rescan serves the whole backing store again, as its size is now
+// (bdev.Rescanner, SPDK's bdev_aio_rescan), rounded down to the block size.
+func (b *Backing) Rescan() (bool, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	have, err := b.storeSize()
+	if err != nil {
+		return false, fmt.Errorf("bdev %q: rescan %s: %w", b.Name, b.Path, err)
+	}
+	bs := uint64(b.BlockSize)
+	size := have / bs * bs
+	cur := b.size.Load()
+	switch {
+	case size == cur:
+		return false, nil
+	case size == 0:
+		return false, fmt.Errorf("bdev %q: rescan %s: it holds %d bytes, less than one %d-byte block", b.Name, b.Path, have, bs)
+	case size < cur && b.channels > 0:
+		return false, fmt.Errorf("bdev %q: rescan %s: it shrank from %d to %d bytes, refused while %d channels are open: %w",
+			b.Name, b.Path, cur, size, b.channels, bdev.ErrInUse)
+	}
+	b.setSize(size)
+	return true, nil
+}
+
+// opened and closed count the channels open on b (for the shrink rule).
+func (b *Backing) opened() {
+	b.mu.Lock()
+	b.channels++
+	b.mu.Unlock()
+}
+
+func (b *Backing) closed() {
+	b.mu.Lock()
+	b.channels--
+	b.mu.Unlock()
+}
+
+// Channels returns how many channels are open.
+func (b *Backing) Channels() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.channels
 }
 
 func ioctlPtr(fd int, req uint, p unsafe.Pointer) error {

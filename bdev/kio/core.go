@@ -74,6 +74,7 @@ func NewCore(b *Backing, queueDepth int, d Dispatcher) (*Core, error) {
 		done: reactor.NewRing[*Slot](ringSize), d: d,
 	}
 	c.eventFD.Store(-1)
+	b.opened()
 	for i := range c.slots {
 		s := &c.slots[i]
 		s.Index = i
@@ -212,9 +213,10 @@ func (c *Core) Close() error {
 		return fmt.Errorf("bdev %q: close with %d IOs in flight", c.B.Name, c.inflight)
 	}
 	if c.bounceMem == nil {
-		return nil
+		return nil // closed already
 	}
 	err := unix.Munmap(c.bounceMem)
 	c.bounceMem, c.bounce = nil, nil
+	c.B.closed()
 	return err
 }

@@ -140,8 +140,11 @@ func Check(b *Backing, io *bdev.IO) (now bool) {
 	return true
 }
 
+// inRange checks [off, off+n) against the size served now: one atomic load,
+// so an IO checked after a Resize sees the new size.
 func (b *Backing) inRange(off, n uint64) bool {
-	return off <= b.Size && b.Size-off >= n
+	size := b.size.Load()
+	return off <= size && size-off >= n
 }
 
 // NeedsBounce reports whether io (checked by Check) needs a bounce buffer:

@@ -17,7 +17,9 @@ func testBacking(t *testing.T) (*Backing, []byte) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { unix.Munmap(mem) })
-	return &Backing{Name: "t", Size: 1 << 20, BlockSize: 512, MemAlign: 512, OffsetAlign: 512, zeroes: mem[512<<10:]}, mem
+	b := &Backing{Name: "t", BlockSize: 512, MemAlign: 512, OffsetAlign: 512, zeroes: mem[512<<10:]}
+	b.size.Store(1 << 20)
+	return b, mem
 }
 
 func TestNeedsBounce(t *testing.T) {

@@ -16,7 +16,13 @@ package malloc
 import (
 	"fmt"
 	"log/slog"
+	"os"
+	"sync"
+	"sync/atomic"
 	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 
 	"vhost-target/bdev"
 )
@@ -36,6 +42,12 @@ const (
 	Backing4K      = "4k"      // 4 KiB pages
 )
 
+// GrowMaxDefault is the size a disk can be grown to by Resize when
+// Config.MaxSize is 0 (or its created size, if larger). Only address space
+// is reserved for it, no memory: x86-64 user space (128 TiB) holds a
+// hundred such reservations.
+const GrowMaxDefault = 1 << 40
+
 // Config describes a malloc bdev.
 type Config struct {
 	Name      string
@@ -44,15 +56,35 @@ type Config struct {
 	UUID      [16]byte
 	Hugepages string       // a Hugepages mode; "" is HugepagesAuto
 	Logger    *slog.Logger // for the line saying what backs the disk; nil = slog.Default()
+	// MaxSize is the largest size Resize can grow the disk to (0 =
+	// max(Size, GrowMaxDefault)). That much address space is reserved at
+	// Create, so growing maps memory right after the disk's and reactors
+	// never see the disk move.
+	MaxSize uint64
 }
 
 // Disk is a malloc bdev.
 type Disk struct {
-	info      bdev.Info
-	data      []byte // the disk: the first Size bytes of mapping
-	mapping   []byte // what was mapped: Size rounded up to the page size
+	name      string
+	blockSize uint32
+	info      atomic.Pointer[bdev.Info]
+	// mem is the disk's whole address range: the reservation (Config.MaxSize)
+	// when one could be made, else the populated mapping. Its slice header
+	// never changes after Create, so reactors read it without
+	// synchronisation; IOs touch only mem[:size], which is always populated.
+	mem  []byte
+	size atomic.Uint64 // bytes served; loaded once per IO
+	// pageBytes is the unit memory is mapped in: 2 MiB for hugetlb and THP
+	// backings, the base page size for 4 KiB pages.
+	pageBytes uint64
+
+	// mu guards what a resize changes on the control plane, and the count
+	// of open channels that the shrink rule needs.
+	mu        sync.Mutex
+	mapping   []byte // the populated part of mem: mem[:size rounded up to pageBytes]
 	backing   string
 	hugeBytes uint64
+	channels  int
 }
 
 // New makes a disk of size bytes with the given logical block size on the
@@ -77,6 +109,13 @@ func Create(c Config) (*Disk, error) {
 		// Beyond any x86-64 user address space: refuse before rounding up can overflow.
 		return nil, fmt.Errorf("malloc bdev %q: size %d is larger than an address space", c.Name, c.Size)
 	}
+	maxSize := c.MaxSize
+	if maxSize == 0 {
+		maxSize = max(c.Size, GrowMaxDefault)
+	}
+	if maxSize < c.Size || maxSize > 1<<47 {
+		return nil, fmt.Errorf("malloc bdev %q: max size %d is below the size %d or larger than an address space", c.Name, maxSize, c.Size)
+	}
 	mode := c.Hugepages
 	if mode == "" {
 		mode = HugepagesAuto
@@ -85,22 +124,43 @@ func Create(c Config) (*Disk, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	start := time.Now()
-	m, err := allocate(c.Name, c.Size, mode)
+	// Without a reservation (an address-space limit refuses it) the disk
+	// still works; Resize then cannot grow it past its mapping.
+	resLen := roundUp(maxSize, hugePageBytes)
+	at, err := reserve(resLen)
 	if err != nil {
+		log.Warn("malloc bdev: no address space reserved to grow into; resize cannot grow it", "bdev", c.Name,
+			"max_size", maxSize, "err", err)
+		at, resLen = nil, 0
+	}
+	start := time.Now()
+	m, err := allocate(c.Name, c.Size, mode, at)
+	if err != nil {
+		if at != nil {
+			unix.MunmapPtr(at, uintptr(resLen))
+		}
 		return nil, err
 	}
 	took := time.Since(start)
 	d := &Disk{
-		info: bdev.Info{
-			Name: c.Name, Type: "malloc", BlockSize: c.BlockSize, NumBlocks: c.Size / uint64(c.BlockSize), UUID: c.UUID,
-			Unmap: true, UnmapZeroes: true, WriteZeroes: true,
-		},
-		data:      m.mapping[:c.Size:c.Size],
+		name: c.Name, blockSize: c.BlockSize,
+		mem:       m.mapping,
 		mapping:   m.mapping,
 		backing:   m.backing,
 		hugeBytes: m.hugeBytes,
+		pageBytes: hugePageBytes,
 	}
+	if at != nil {
+		d.mem = unsafe.Slice((*byte)(at), resLen)
+	}
+	if m.backing == Backing4K {
+		d.pageBytes = uint64(os.Getpagesize())
+	}
+	d.size.Store(c.Size)
+	d.info.Store(&bdev.Info{
+		Name: c.Name, Type: "malloc", BlockSize: c.BlockSize, NumBlocks: c.Size / uint64(c.BlockSize), UUID: c.UUID,
+		Unmap: true, UnmapZeroes: true, WriteZeroes: true,
+	})
 	attrs := []any{"bdev", c.Name, "hugepages", mode, "backing", m.backing, "size", c.Size,
 		"mapped", len(m.mapping), "huge_bytes", m.hugeBytes, "populate", took.Round(time.Microsecond)}
 	if m.notHugetlb != "" {
@@ -121,43 +181,152 @@ func (d *Disk) Backing() string { return d.backing }
 
 // HugeBytes returns how many bytes of the disk's mapping were on huge pages
 // once populated (the kernel may later split or collapse THP pages).
-func (d *Disk) HugeBytes() uint64 { return d.hugeBytes }
+func (d *Disk) HugeBytes() uint64 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.hugeBytes
+}
 
-// Info describes the disk.
-func (d *Disk) Info() *bdev.Info { return &d.info }
+// Info describes the disk: the newest description (see bdev.Info).
+func (d *Disk) Info() *bdev.Info { return d.info.Load() }
 
 // Open returns a channel; all channels share the memory.
-func (d *Disk) Open() (bdev.Channel, error) { return &channel{d: d}, nil }
+func (d *Disk) Open() (bdev.Channel, error) {
+	d.mu.Lock()
+	d.channels++
+	d.mu.Unlock()
+	return &channel{d: d}, nil
+}
 
-// Close unmaps the memory. No channel may be in use.
+// Close unmaps the memory (and the address space reserved to grow into).
+// No channel may be in use.
 func (d *Disk) Close() error {
-	if d.mapping == nil {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.mem == nil {
 		return nil
 	}
-	err := unmap(d.mapping)
-	d.data, d.mapping = nil, nil
+	err := unmap(d.mem)
+	d.mem, d.mapping = nil, nil
+	d.size.Store(0)
 	return err
 }
 
 // Bytes exposes the backing memory to tests.
-func (d *Disk) Bytes() []byte { return d.data }
+func (d *Disk) Bytes() []byte { return d.mem[:d.size.Load()] }
 
-type channel struct{ d *Disk }
+// Resize serves newSize bytes (bdev.Resizer). Growing maps and populates
+// memory of the disk's backing kind (hugetlb pages come from the pool, and
+// fail if it is short) right after the disk's, inside the address space
+// reserved at Create, then publishes the new size: a reactor range-checks
+// each IO against the size it loads, so it never touches memory not yet
+// populated, and the disk's address never changes under it. Bytes a grow
+// exposes read as zeroes. Shrinking is refused while a channel is open
+// (bdev.ErrInUse); otherwise the memory past the new size is freed.
+func (d *Disk) Resize(newSize uint64) error {
+	bs := uint64(d.blockSize)
+	if newSize == 0 || newSize%bs != 0 {
+		return fmt.Errorf("malloc bdev %q: new size %d is not a positive multiple of the block size %d", d.name, newSize, bs)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.mem == nil {
+		return fmt.Errorf("malloc bdev %q: closed", d.name)
+	}
+	cur := d.size.Load()
+	mapped := uint64(len(d.mapping))
+	need := roundUp(newSize, d.pageBytes)
+	switch {
+	case newSize == cur:
+		return nil
+	case newSize < cur:
+		if d.channels > 0 {
+			return fmt.Errorf("malloc bdev %q: shrink from %d to %d bytes refused while %d channels are open: %w",
+				d.name, cur, newSize, d.channels, bdev.ErrInUse)
+		}
+		d.setSize(newSize)
+		if need < mapped && len(d.mem) > len(d.mapping) {
+			// Only inside a reservation: without one, the range freed
+			// would be an unreserved hole another mapping could take.
+			if err := release(unsafe.Pointer(&d.mem[need]), mapped-need); err == nil {
+				d.mapping = d.mem[:need]
+				d.hugeBytes = min(d.hugeBytes, need)
+			}
+		}
+		return nil
+	case newSize > uint64(len(d.mem)):
+		return fmt.Errorf("malloc bdev %q: cannot grow to %d bytes: %d bytes of address space were reserved for it (max size); "+
+			"create a new bdev to grow further", d.name, newSize, len(d.mem))
+	}
+	if need > mapped {
+		at := unsafe.Pointer(&d.mem[mapped])
+		m, err := d.mapMore(at, need-mapped)
+		if err != nil {
+			release(at, need-mapped) // a failed MAP_FIXED may have unmapped part of the reservation
+			return fmt.Errorf("malloc bdev %q: grow from %d to %d bytes: %w", d.name, cur, newSize, err)
+		}
+		d.hugeBytes += m.hugeBytes
+		d.mapping = d.mem[:need]
+	}
+	// Bytes past the old size may hold data from before a shrink.
+	clear(d.mem[cur:min(newSize, mapped)])
+	d.setSize(newSize)
+	return nil
+}
+
+// mapMore maps and populates n more bytes at at, of the disk's backing kind.
+func (d *Disk) mapMore(at unsafe.Pointer, n uint64) (*memory, error) {
+	switch d.backing {
+	case BackingHugeTLB:
+		return mapHugeTLB(at, n)
+	case BackingTHP:
+		return mapTHP(at, n)
+	}
+	return map4K(at, n)
+}
+
+// setSize publishes a new size and Info; the caller holds d.mu.
+func (d *Disk) setSize(size uint64) {
+	d.size.Store(size)
+	info := *d.info.Load()
+	info.NumBlocks = size / uint64(d.blockSize)
+	d.info.Store(&info)
+}
+
+var _ bdev.Resizer = (*Disk)(nil)
+
+type channel struct {
+	d      *Disk
+	closed bool
+}
 
 func (c *channel) Poll() int          { return 0 }
 func (c *channel) InFlight() int      { return 0 }
-func (c *channel) Close() error       { return nil }
 func (c *channel) Submit(io *bdev.IO) { io.Err = c.d.do(io); io.Done.IODone(io) }
 
-func (d *Disk) inRange(off, n uint64) bool {
-	size := uint64(len(d.data))
+func (c *channel) Close() error {
+	if !c.closed {
+		c.closed = true
+		c.d.mu.Lock()
+		c.d.channels--
+		c.d.mu.Unlock()
+	}
+	return nil
+}
+
+// inRange reports whether [off, off+n) lies inside a disk of size bytes.
+func inRange(size, off, n uint64) bool {
 	return off <= size && size-off >= n
 }
 
+// do runs io against the size loaded once for it: memory below that size
+// stays mapped until every channel is closed (a shrink needs none open).
 func (d *Disk) do(io *bdev.IO) error {
+	size := d.size.Load()
+	data := d.mem[:size:size]
 	switch io.Op {
 	case bdev.OpRead, bdev.OpWrite:
-		if !d.inRange(io.Offset, io.Len) {
+		if !inRange(size, io.Offset, io.Len) {
 			return bdev.ErrRange
 		}
 		off := io.Offset
@@ -167,9 +336,9 @@ func (d *Disk) do(io *bdev.IO) error {
 				b = b[:io.Len-done]
 			}
 			if io.Op == bdev.OpRead {
-				copy(b, d.data[off:])
+				copy(b, data[off:])
 			} else {
-				copy(d.data[off:], b)
+				copy(data[off:], b)
 			}
 			off += uint64(len(b))
 			done += uint64(len(b))
@@ -188,27 +357,27 @@ func (d *Disk) do(io *bdev.IO) error {
 		// (MADV_DONTNEED): the next read would map the zero page and the
 		// next write fault again, the lazy disk this package avoids.
 		for _, r := range io.Ranges[:io.NRanges] {
-			if !d.inRange(r.Offset, r.Len) {
+			if !inRange(size, r.Offset, r.Len) {
 				return bdev.ErrRange
 			}
 		}
 		for _, r := range io.Ranges[:io.NRanges] {
-			clear(d.data[r.Offset : r.Offset+r.Len])
+			clear(data[r.Offset : r.Offset+r.Len])
 		}
 		return nil
 	case bdev.OpWriteZeroes:
-		if !d.inRange(io.Offset, io.Len) {
+		if !inRange(size, io.Offset, io.Len) {
 			return bdev.ErrRange
 		}
-		clear(d.data[io.Offset : io.Offset+io.Len])
+		clear(data[io.Offset : io.Offset+io.Len])
 		return nil
 	case bdev.OpWriteSame:
-		bs := uint64(d.info.BlockSize)
-		if !d.inRange(io.Offset, io.Len) || io.Len%bs != 0 || len(io.Iov) != 1 || uint64(len(io.Iov[0])) < bs {
+		bs := uint64(d.blockSize)
+		if !inRange(size, io.Offset, io.Len) || io.Len%bs != 0 || len(io.Iov) != 1 || uint64(len(io.Iov[0])) < bs {
 			return bdev.ErrRange
 		}
 		for off := io.Offset; off < io.Offset+io.Len; off += bs {
-			copy(d.data[off:off+bs], io.Iov[0][:bs])
+			copy(data[off:off+bs], io.Iov[0][:bs])
 		}
 		return nil
 	}

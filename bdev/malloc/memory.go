@@ -97,9 +97,10 @@ type memory struct {
 	notHugetlb string
 }
 
-// allocate maps and populates at least size bytes as mode asks. name is
-// the bdev's, for errors.
-func allocate(name string, size uint64, mode string) (*memory, error) {
+// allocate maps and populates at least size bytes as mode asks, at at
+// (inside the disk's reservation) when it is not nil. name is the bdev's,
+// for errors.
+func allocate(name string, size uint64, mode string, at unsafe.Pointer) (*memory, error) {
 	hugeSize := roundUp(size, hugePageBytes)
 	pages := hugeSize / hugePageBytes
 	switch mode {
@@ -112,7 +113,7 @@ func allocate(name string, size uint64, mode string) (*memory, error) {
 			return nil, fmt.Errorf("malloc bdev %q: hugepages = %q: %d MiB needs %d free 2 MiB hugepages, %d available (%v); "+
 				"raise vm.nr_hugepages or use hugepages = %q", name, mode, hugeSize>>20, pages, pool.available(), pool, HugepagesAuto)
 		}
-		m, err := mapHugeTLB(hugeSize)
+		m, err := mapHugeTLB(at, hugeSize)
 		if err != nil {
 			return nil, fmt.Errorf("malloc bdev %q: hugepages = %q: %w", name, mode, err)
 		}
@@ -122,19 +123,19 @@ func allocate(name string, size uint64, mode string) (*memory, error) {
 			return nil, fmt.Errorf("malloc bdev %q: hugepages = %q: transparent huge pages are disabled "+
 				"(/sys/kernel/mm/transparent_hugepage/enabled is %q); use hugepages = %q or %q", name, mode, s, HugepagesHugeTLB, HugepagesAuto)
 		}
-		m, err := mapTHP(hugeSize)
+		m, err := mapTHP(at, hugeSize)
 		if err != nil {
 			return nil, fmt.Errorf("malloc bdev %q: hugepages = %q: %w", name, mode, err)
 		}
 		return m, nil
 	case HugepagesNone:
-		m, err := map4K(roundUp(size, uint64(os.Getpagesize())))
+		m, err := map4K(at, roundUp(size, uint64(os.Getpagesize())))
 		if err != nil {
 			return nil, fmt.Errorf("malloc bdev %q: hugepages = %q: %w", name, mode, err)
 		}
 		return m, nil
 	case HugepagesAuto:
-		return allocateAuto(name, size)
+		return allocateAuto(name, size, at)
 	}
 	return nil, fmt.Errorf("malloc bdev %q: hugepages %q is not %q, %q, %q or %q", name, mode,
 		HugepagesAuto, HugepagesHugeTLB, HugepagesTHP, HugepagesNone)
@@ -142,7 +143,7 @@ func allocate(name string, size uint64, mode string) (*memory, error) {
 
 // allocateAuto takes hugetlb pages when the pool has enough, else THP, else
 // 4 KiB pages. It fails only when memory itself is short.
-func allocateAuto(name string, size uint64) (*memory, error) {
+func allocateAuto(name string, size uint64, at unsafe.Pointer) (*memory, error) {
 	hugeSize := roundUp(size, hugePageBytes)
 	pages := hugeSize / hugePageBytes
 	var why string
@@ -152,7 +153,7 @@ func allocateAuto(name string, size uint64) (*memory, error) {
 	case pool.available() < pages:
 		why = fmt.Sprintf("needs %d free 2 MiB hugepages, %d available (%v)", pages, pool.available(), pool)
 	default:
-		m, err := mapHugeTLB(hugeSize)
+		m, err := mapHugeTLB(at, hugeSize)
 		if err == nil {
 			return m, nil
 		}
@@ -162,9 +163,9 @@ func allocateAuto(name string, size uint64) (*memory, error) {
 	var m *memory
 	var err error
 	if s := readTHPSetting(); s != "never" && s != "" {
-		m, err = mapTHP(hugeSize)
+		m, err = mapTHP(at, hugeSize)
 	} else {
-		m, err = map4K(roundUp(size, uint64(os.Getpagesize())))
+		m, err = map4K(at, roundUp(size, uint64(os.Getpagesize())))
 	}
 	if err != nil {
 		return nil, fmt.Errorf("malloc bdev %q: hugepages = %q: %w", name, HugepagesAuto, err)
@@ -173,12 +174,21 @@ func allocateAuto(name string, size uint64) (*memory, error) {
 	return m, nil
 }
 
+// fixed returns MAP_FIXED when at names where a mapping must go (inside
+// the disk's reserved address space, see reserve), 0 otherwise.
+func fixed(at unsafe.Pointer) int {
+	if at != nil {
+		return unix.MAP_FIXED
+	}
+	return 0
+}
+
 // mapHugeTLB maps length bytes (a multiple of hugePageBytes) of 2 MiB
-// hugetlb pages and populates them. The mapping reserves its pages from the
+// hugetlb pages, at at if it is not nil, and populates them. The mapping reserves its pages from the
 // pool when it is made, so populating cannot run out of them.
-func mapHugeTLB(length uint64) (*memory, error) {
-	p, err := unix.MmapPtr(-1, 0, nil, uintptr(length), unix.PROT_READ|unix.PROT_WRITE,
-		unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_HUGETLB|unix.MAP_HUGE_2MB)
+func mapHugeTLB(at unsafe.Pointer, length uint64) (*memory, error) {
+	p, err := unix.MmapPtr(-1, 0, at, uintptr(length), unix.PROT_READ|unix.PROT_WRITE,
+		unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_HUGETLB|unix.MAP_HUGE_2MB|fixed(at))
 	if err != nil {
 		return nil, fmt.Errorf("mmap %d bytes of 2 MiB hugetlb pages: %w", length, err)
 	}
@@ -191,24 +201,22 @@ func mapHugeTLB(length uint64) (*memory, error) {
 }
 
 // mapTHP maps length bytes (a multiple of hugePageBytes) at a 2 MiB-aligned
-// address, asks for transparent huge pages (MADV_HUGEPAGE) and populates
+// address (at, if it is not nil), asks for transparent huge pages (MADV_HUGEPAGE) and populates
 // it. The kernel gives huge pages where it can find free 2 MiB blocks and 4
 // KiB pages elsewhere; hugeBytes says how much it gave.
-func mapTHP(length uint64) (*memory, error) {
-	// Map one huge page more than needed and cut the unaligned ends off, so
-	// every 2 MiB of the disk can be one huge page.
-	p, err := unix.MmapPtr(-1, 0, nil, uintptr(length+hugePageBytes), unix.PROT_READ|unix.PROT_WRITE,
-		unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
-	if err != nil {
-		return nil, fmt.Errorf("mmap %d bytes: %w", length+hugePageBytes, err)
-	}
-	head := (hugePageBytes - uintptr(p)%hugePageBytes) % hugePageBytes
-	start := unsafe.Add(p, head)
-	if head > 0 {
-		unix.MunmapPtr(p, head) // cannot fail: a whole-page part of our own mapping
-	}
-	if tail := hugePageBytes - head; tail > 0 {
-		unix.MunmapPtr(unsafe.Add(start, length), tail)
+func mapTHP(at unsafe.Pointer, length uint64) (*memory, error) {
+	start := at
+	if at != nil {
+		// The reservation is 2 MiB aligned, and so is every mapping in it.
+		if _, err := unix.MmapPtr(-1, 0, at, uintptr(length), unix.PROT_READ|unix.PROT_WRITE,
+			unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_FIXED); err != nil {
+			return nil, fmt.Errorf("mmap %d bytes: %w", length, err)
+		}
+	} else {
+		var err error
+		if start, err = mapAligned(length, unix.PROT_READ|unix.PROT_WRITE); err != nil {
+			return nil, err
+		}
 	}
 	m := unsafe.Slice((*byte)(start), length)
 	if err := unix.Madvise(m, unix.MADV_HUGEPAGE); err != nil {
@@ -227,11 +235,12 @@ func mapTHP(length uint64) (*memory, error) {
 	return &memory{mapping: m, backing: BackingTHP, hugeBytes: huge}, nil
 }
 
-// map4K maps and populates length bytes of 4 KiB pages. MADV_NOHUGEPAGE
+// map4K maps (at at, if it is not nil) and populates length bytes of 4 KiB
+// pages. MADV_NOHUGEPAGE
 // keeps them small even where THP is "always": "none" means none.
-func map4K(length uint64) (*memory, error) {
-	p, err := unix.MmapPtr(-1, 0, nil, uintptr(length), unix.PROT_READ|unix.PROT_WRITE,
-		unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+func map4K(at unsafe.Pointer, length uint64) (*memory, error) {
+	p, err := unix.MmapPtr(-1, 0, at, uintptr(length), unix.PROT_READ|unix.PROT_WRITE,
+		unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|fixed(at))
 	if err != nil {
 		return nil, fmt.Errorf("mmap %d bytes: %w", length, err)
 	}
@@ -267,6 +276,48 @@ func populate(m []byte, pageBytes int) error {
 		return fmt.Errorf("populate %d bytes (MADV_POPULATE_WRITE): %w", len(m), err)
 	}
 	return fmt.Errorf("populate %d bytes (MADV_POPULATE_WRITE): interrupted 100 times", len(m))
+}
+
+// mapAligned maps length bytes (a multiple of hugePageBytes) with prot at a
+// 2 MiB-aligned address: one huge page more is mapped and the unaligned ends
+// are cut off, so every 2 MiB of it can be one huge page.
+func mapAligned(length uint64, prot int) (unsafe.Pointer, error) {
+	flags := unix.MAP_PRIVATE | unix.MAP_ANONYMOUS
+	if prot == unix.PROT_NONE {
+		flags |= unix.MAP_NORESERVE
+	}
+	p, err := unix.MmapPtr(-1, 0, nil, uintptr(length+hugePageBytes), prot, flags)
+	if err != nil {
+		return nil, fmt.Errorf("mmap %d bytes: %w", length+hugePageBytes, err)
+	}
+	head := (hugePageBytes - uintptr(p)%hugePageBytes) % hugePageBytes
+	start := unsafe.Add(p, head)
+	if head > 0 {
+		unix.MunmapPtr(p, head) // cannot fail: a whole-page part of our own mapping
+	}
+	if tail := hugePageBytes - head; tail > 0 {
+		unix.MunmapPtr(unsafe.Add(start, length), tail)
+	}
+	return start, nil
+}
+
+// reserve takes length bytes (a multiple of hugePageBytes) of address space,
+// 2 MiB aligned, with no access and no memory behind it: the disk's memory
+// is mapped into its start, and a Resize that grows the disk maps more right
+// after it, so the disk's address never changes while reactors use it.
+func reserve(length uint64) (unsafe.Pointer, error) {
+	return mapAligned(length, unix.PROT_NONE)
+}
+
+// release gives [at, at+length) back to the reservation: the pages are freed
+// and the range is inaccessible again.
+func release(at unsafe.Pointer, length uint64) error {
+	if length == 0 {
+		return nil
+	}
+	_, err := unix.MmapPtr(-1, 0, at, uintptr(length), unix.PROT_NONE,
+		unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE|unix.MAP_FIXED)
+	return err
 }
 
 func unmap(m []byte) error {
