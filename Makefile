@@ -31,7 +31,7 @@ unit: deps
 
 # Every fuzz target as Name:package. Their seed corpora also run in `unit`.
 FUZZ_TARGETS := FuzzExecute:./scsi FuzzPop:./vhost/virtq FuzzParse:./config FuzzProto:./vhost/proto \
-	FuzzMessages:./vhost FuzzRequest:./vhost
+	FuzzMessages:./vhost FuzzRequest:./vhost FuzzServer:./rpc
 
 # fuzz-run TIME: fuzz each target for TIME (minimization bounded so a new
 # input cannot stall a short run).
