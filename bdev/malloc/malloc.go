@@ -42,11 +42,14 @@ const (
 	Backing4K      = "4k"      // 4 KiB pages
 )
 
-// GrowMaxDefault is the size a disk can be grown to by Resize when
-// Config.MaxSize is 0 (or its created size, if larger). Only address space
-// is reserved for it, no memory: x86-64 user space (128 TiB) holds a
-// hundred such reservations.
-const GrowMaxDefault = 1 << 40
+// GrowMaxDefault is the least size a disk can be grown to by Resize when
+// Config.MaxSize is 0; a disk created larger can grow to GrowFactorDefault
+// times its size. Only address space is reserved for it, no memory: x86-64
+// user space (128 TiB) holds two thousand 64 GiB reservations.
+const (
+	GrowMaxDefault    = 64 << 30
+	GrowFactorDefault = 4
+)
 
 // Config describes a malloc bdev.
 type Config struct {
@@ -57,9 +60,9 @@ type Config struct {
 	Hugepages string       // a Hugepages mode; "" is HugepagesAuto
 	Logger    *slog.Logger // for the line saying what backs the disk; nil = slog.Default()
 	// MaxSize is the largest size Resize can grow the disk to (0 =
-	// max(Size, GrowMaxDefault)). That much address space is reserved at
-	// Create, so growing maps memory right after the disk's and reactors
-	// never see the disk move.
+	// max(GrowFactorDefault*Size, GrowMaxDefault)). That much address
+	// space is reserved at Create, so growing maps memory right after the
+	// disk's and reactors never see the disk move.
 	MaxSize uint64
 }
 
@@ -111,7 +114,7 @@ func Create(c Config) (*Disk, error) {
 	}
 	maxSize := c.MaxSize
 	if maxSize == 0 {
-		maxSize = max(c.Size, GrowMaxDefault)
+		maxSize = min(max(GrowFactorDefault*c.Size, GrowMaxDefault), 1<<47)
 	}
 	if maxSize < c.Size || maxSize > 1<<47 {
 		return nil, fmt.Errorf("malloc bdev %q: max size %d is below the size %d or larger than an address space", c.Name, maxSize, c.Size)
