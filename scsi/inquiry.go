@@ -199,10 +199,11 @@ func (l *LUN) vpdProvisioningPage(b []byte) int {
 	return vpdHeader(b, vpdProvisioning, 4)
 }
 
-// runRequestSense implements REQUEST SENSE (SPC-4 6.39). We keep no pending
-// sense (no unit attentions, deferred errors or informational exceptions),
-// so the answer is always NO SENSE, in fixed format or, with DESC=1, in
-// descriptor format.
+// runRequestSense implements REQUEST SENSE (SPC-4 6.39). A LUN keeps no
+// pending sense (no deferred errors or informational exceptions; unit
+// attentions are kept per initiator by the transport, which answers REQUEST
+// SENSE itself while one is pending, see ReportUnitAttention), so the answer
+// is NO SENSE, in fixed format or, with DESC=1, in descriptor format.
 func runRequestSense(l *LUN, c *Cmd) Action {
 	return requestSense(c, keyNoSense, ascNone)
 }

@@ -6,6 +6,7 @@ const (
 	keyMediumError    byte = 0x3
 	keyHardwareError  byte = 0x4
 	keyIllegalRequest byte = 0x5
+	keyUnitAttention  byte = 0x6
 	keyDataProtect    byte = 0x7
 )
 
@@ -24,6 +25,8 @@ const (
 	ascLUNNotSupported         asc = 0x2500 // LOGICAL UNIT NOT SUPPORTED
 	ascInvalidFieldInParamList asc = 0x2600 // INVALID FIELD IN PARAMETER LIST
 	ascWriteProtected          asc = 0x2700 // WRITE PROTECTED
+	ascCapacityChanged         asc = 0x2A09 // CAPACITY DATA HAS CHANGED
+	ascReportedLUNsChanged     asc = 0x3F0E // REPORTED LUNS DATA HAS CHANGED
 	ascSpaceAllocFailed        asc = 0x2707 // SPACE ALLOCATION FAILED WRITE PROTECT
 	ascSavingNotSupported      asc = 0x3900 // SAVING PARAMETERS NOT SUPPORTED
 	ascInternalTargetFailure   asc = 0x4400 // INTERNAL TARGET FAILURE
