@@ -18,12 +18,12 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 
 	"vhost-target/bdev"
 	"vhost-target/reactor"
-	"vhost-target/scsi"
 )
 
 // LUNSpec places a bdev at a target/LUN of a controller.
@@ -56,27 +56,22 @@ type Config struct {
 // MaxQueues bounds the request queues of one session (vring index < 2+MaxQueues).
 const MaxQueues = 64
 
-// lunRef ties a SCSI LUN to its bdev and a dense index used for per-queue channels.
-type lunRef struct {
-	id   uint16
-	lun  *scsi.LUN
-	bdev bdev.Bdev
-	idx  int
-}
-
-type target struct {
-	id   uint8
-	t    *scsi.Target
-	luns []lunRef // sorted by id
-}
-
 // Controller is one vhost-user-scsi socket and the sessions on it.
 type Controller struct {
-	cfg     Config
-	log     *slog.Logger
-	targets [256]*target
-	bdevs   []bdev.Bdev // by lunRef.idx
-	Stats   *ControllerStats
+	cfg   Config
+	log   *slog.Logger
+	Stats *ControllerStats
+
+	// table is the current LUN table (luns.go), loaded by request queues
+	// once per command and by the control queue; replaced under lunsMu.
+	table atomic.Pointer[lunTable]
+	// lunsMu serialises LUN changes (AddLUN, RemoveLUN, CapacityChanged)
+	// with request queues starting and stopping, and guards queues (every
+	// running request queue of every session) and slotUsed. Lock order:
+	// lunsMu, then mu or Stats.mu; never the other way round.
+	lunsMu   sync.Mutex
+	queues   map[*queue]struct{}
+	slotUsed []bool
 
 	ln *net.UnixListener
 	mu sync.Mutex
@@ -89,7 +84,9 @@ type Controller struct {
 	wg       sync.WaitGroup
 }
 
-// NewController validates cfg and builds the SCSI targets.
+// NewController validates cfg and builds the SCSI targets. A controller may
+// have no LUNs (SPDK's vhost_create_scsi_controller makes them empty): it
+// serves, and every target answers BAD_TARGET until AddLUN.
 func NewController(cfg Config) (*Controller, error) {
 	if cfg.Name == "" {
 		return nil, errors.New("vhost: controller needs a name")
@@ -99,9 +96,6 @@ func NewController(cfg Config) (*Controller, error) {
 	}
 	if cfg.NumQueues < 1 || cfg.NumQueues > MaxQueues {
 		return nil, fmt.Errorf("vhost: controller %q: num_queues %d not in 1..%d", cfg.Name, cfg.NumQueues, MaxQueues)
-	}
-	if len(cfg.LUNs) == 0 {
-		return nil, fmt.Errorf("vhost: controller %q has no LUNs", cfg.Name)
 	}
 	if cfg.SocketMode == 0 {
 		cfg.SocketMode = 0o600
@@ -115,29 +109,17 @@ func NewController(cfg Config) (*Controller, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	c := &Controller{cfg: cfg, log: cfg.Logger.With("controller", cfg.Name), sessions: map[*session]struct{}{}}
+	c := &Controller{cfg: cfg, log: cfg.Logger.With("controller", cfg.Name), sessions: map[*session]struct{}{},
+		queues: map[*queue]struct{}{}}
 	c.changed = sync.NewCond(&c.mu)
-	byTarget := map[uint8][]lunRef{}
-	for i, l := range cfg.LUNs {
-		if l.LUN > 16383 {
-			return nil, fmt.Errorf("vhost: controller %q: LUN %d out of range", cfg.Name, l.LUN)
-		}
-		byTarget[l.Target] = append(byTarget[l.Target], lunRef{id: l.LUN, lun: scsi.NewLUN(l.LUN, l.Bdev.Info()), bdev: l.Bdev, idx: i})
-		c.bdevs = append(c.bdevs, l.Bdev)
-	}
-	for tid, refs := range byTarget {
-		sort.Slice(refs, func(i, j int) bool { return refs[i].id < refs[j].id })
-		luns := make([]*scsi.LUN, len(refs))
-		for i := range refs {
-			luns[i] = refs[i].lun
-		}
-		st, err := scsi.NewTarget(tid, luns)
-		if err != nil {
-			return nil, fmt.Errorf("vhost: controller %q: target %d: %w", cfg.Name, tid, err)
-		}
-		c.targets[tid] = &target{id: tid, t: st, luns: refs}
-	}
+	c.table.Store(&lunTable{})
 	c.Stats = newControllerStats(c)
+	// The configured LUNs are added as at runtime, with no session to tell.
+	for _, l := range cfg.LUNs {
+		if err := c.AddLUN(l); err != nil {
+			return nil, err
+		}
+	}
 	return c, nil
 }
 

@@ -193,7 +193,7 @@ func (cq *ctrlQueue) tmf(subtype uint32, lun []byte) byte {
 	if lun[0] != 1 {
 		return respBadTarget
 	}
-	t := cq.s.c.targets[lun[1]]
+	t := cq.s.c.table.Load().targets[lun[1]]
 	if t == nil {
 		return respBadTarget
 	}

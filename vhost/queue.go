@@ -49,7 +49,7 @@ type request struct {
 	cmd   scsi.Cmd
 	data  [virtq.MaxSegments][]byte // data buffers after the headers (guest memory)
 	resp  [respHdrSize]byte
-	lun   int   // lunRef.idx of the LUN that got the IO, -1 for none
+	lun   int   // lunRef.slot of the LUN the command ran on, -1 for none
 	start int64 // poll time (ns) when the bdev IO was submitted; 0 for emulated commands
 }
 
@@ -66,9 +66,9 @@ type queue struct {
 	slots    []request
 	free     []*request
 	inflight int
-	heads    []uint64 // bitmap of heads in flight: a head twice is a broken driver
-	pending  int      // used elements pushed since the last Publish
-	chans    []bdev.Channel
+	heads    []uint64       // bitmap of heads in flight: a head twice is a broken driver
+	pending  int            // used elements pushed since the last Publish
+	chans    []bdev.Channel // by lunRef.slot; nil for a slot with no LUN
 	scratch  []byte
 	broken   bool
 	stopping bool
@@ -80,7 +80,7 @@ type queue struct {
 	// Counters written only by the owning reactor; read through reactor.Call.
 	rq    int // request queue number (vring index - 2)
 	st    QueueCounters
-	lunSt []LUNCounters // by lunRef.idx
+	lunSt []LUNCounters // by lunRef.slot
 }
 
 func startQueue(s *session, v *vring, vq *virtq.Queue) (*queue, error) {
@@ -96,10 +96,8 @@ func startQueue(s *session, v *vring, vq *virtq.Queue) (*queue, error) {
 		slots:   make([]request, n),
 		free:    make([]*request, 0, n),
 		heads:   make([]uint64, (int(vq.Size())+63)/64),
-		chans:   make([]bdev.Channel, len(c.bdevs)),
 		scratch: make([]byte, scsi.ScratchSize),
 		rq:      rq,
-		lunSt:   make([]LUNCounters, len(c.bdevs)),
 	}
 	for i := range q.slots {
 		req := &q.slots[i]
@@ -108,15 +106,28 @@ func startQueue(s *session, v *vring, vq *virtq.Queue) (*queue, error) {
 		req.cmd.IO.Done = req
 		q.free = append(q.free, req)
 	}
-	for i, b := range c.bdevs {
-		ch, err := b.Open()
-		if err != nil {
-			for _, o := range q.chans[:i] {
-				o.Close()
-			}
-			return nil, protoErr("vring %d: open bdev %s: %v", v.idx, b.Info().Name, err)
+	// Under lunsMu from the table's channels to the registration: a LUN
+	// added or removed meanwhile would miss this queue (lifecycle.go).
+	c.lunsMu.Lock()
+	defer c.lunsMu.Unlock()
+	tbl := c.table.Load()
+	q.chans = make([]bdev.Channel, tbl.slots)
+	q.lunSt = make([]LUNCounters, tbl.slots)
+	var openErr error
+	tbl.each(func(_ *target, ref *lunRef) {
+		if openErr != nil {
+			return
 		}
-		q.chans[i] = ch
+		ch, err := ref.bdev.Open()
+		if err != nil {
+			openErr = protoErr("vring %d: open bdev %s: %v", v.idx, ref.bdev.Info().Name, err)
+			return
+		}
+		q.chans[ref.slot] = ch
+	})
+	if openErr != nil {
+		q.closeChannels()
+		return nil, openErr
 	}
 	// Counted before the reactor runs it: a scrape right after the first
 	// request must see this queue's counters.
@@ -130,12 +141,10 @@ func startQueue(s *session, v *vring, vq *virtq.Queue) (*queue, error) {
 			// while their IOs are in flight; EventFD is called on the
 			// reactor because the channel is the reactor's.
 			q.wakeFDs = make([]int, len(q.chans))
-			for i, ch := range q.chans {
+			for i := range q.chans {
 				q.wakeFDs[i] = -1
-				if w, ok := ch.(bdev.Waker); ok {
-					if fd := w.EventFD(); fd >= 0 && r.WatchFD(fd) == nil {
-						q.wakeFDs[i] = fd
-					}
+				if q.chans[i] != nil {
+					q.watchChannel(i)
 				}
 			}
 		}
@@ -147,13 +156,26 @@ func startQueue(s *session, v *vring, vq *virtq.Queue) (*queue, error) {
 	})
 	if err != nil {
 		c.Stats.retire(q)
-		for _, ch := range q.chans {
-			ch.Close()
-		}
+		q.closeChannels()
 		return nil, protoErr("vring %d: reactor %d: %v", v.idx, r.ID(), err)
 	}
+	c.queues[q] = struct{}{}
 	s.log.Debug("request queue started", "vring", v.idx, "reactor", r.ID(), "size", vq.Size())
 	return q, nil
+}
+
+// closeChannels closes the queue's bdev channels. Only when no reactor runs
+// the queue, with c.lunsMu held (RemoveLUN takes channels off running
+// queues under it).
+func (q *queue) closeChannels() {
+	for i, ch := range q.chans {
+		if ch != nil {
+			if err := ch.Close(); err != nil {
+				q.s.log.Warn("closing a bdev channel", "vring", q.idx, "slot", i, "err", err)
+			}
+			q.chans[i] = nil
+		}
+	}
 }
 
 // setCall swaps the call fd on the owning reactor, then signals the new fd
@@ -194,10 +216,15 @@ func (q *queue) stop() uint16 {
 		}
 		base = <-ch
 	}
-	for _, c := range q.chans {
-		c.Close()
-	}
-	q.s.c.Stats.retire(q)
+	// The reactor no longer runs q. Unregistered under lunsMu before its
+	// channels close: a RemoveLUN in progress has finished with q, and the
+	// next one will not find it.
+	c := q.s.c
+	c.lunsMu.Lock()
+	delete(c.queues, q)
+	q.closeChannels()
+	c.Stats.retire(q)
+	c.lunsMu.Unlock()
 	return base
 }
 
@@ -226,7 +253,7 @@ func (q *queue) Poll() int {
 	q.now = q.r.Now()
 	work := 0
 	for _, ch := range q.chans {
-		if ch.InFlight() > 0 {
+		if ch != nil && ch.InFlight() > 0 {
 			work += ch.Poll()
 		}
 	}
@@ -363,7 +390,7 @@ func (q *queue) canSleepInFlight() bool {
 		return false
 	}
 	for i, ch := range q.chans {
-		if ch.InFlight() > 0 && q.wakeFDs[i] < 0 {
+		if ch != nil && ch.InFlight() > 0 && q.wakeFDs[i] < 0 {
 			return false
 		}
 	}
@@ -412,7 +439,8 @@ func (q *queue) execute(r *request) {
 		q.respond(r, respBadTarget)
 		return
 	}
-	t := q.s.c.targets[hdr[1]]
+	// One table version for the whole command (lifecycle.go, "LUN table").
+	t := q.s.c.table.Load().targets[hdr[1]]
 	if t == nil {
 		q.respond(r, respBadTarget)
 		return
@@ -422,8 +450,14 @@ func (q *queue) execute(r *request) {
 		return
 	}
 	lunID := (uint16(hdr[2])<<8 | uint16(hdr[3])) & 0x3fff
+	var ch bdev.Channel
 	if ref := t.find(lunID); ref != nil {
-		r.lun = ref.idx
+		r.lun, ch = ref.slot, q.chans[ref.slot]
+		if ua := q.s.takeUA(ref.slot, cmd); ua != 0 {
+			cmd.ReportUnitAttention(ua)
+			q.respond(r, respOK)
+			return
+		}
 	}
 	// Always through the target, present LUN or not: LUN.Execute alone
 	// answers REPORT LUNS with that one LUN, and Linux then never finds the
@@ -432,19 +466,10 @@ func (q *queue) execute(r *request) {
 	if act == scsi.ActionIO {
 		r.start = q.now
 		q.lunSt[r.lun].InFlight++
-		q.chans[r.lun].Submit(&cmd.IO) // completes through IODone, maybe inline
+		ch.Submit(&cmd.IO) // completes through IODone, maybe inline
 		return
 	}
 	q.respond(r, respOK)
-}
-
-func (t *target) find(id uint16) *lunRef {
-	for i := range t.luns {
-		if t.luns[i].id == id {
-			return &t.luns[i]
-		}
-	}
-	return nil
 }
 
 // IODone is called by the bdev on this queue's reactor.

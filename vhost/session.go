@@ -9,6 +9,7 @@ import (
 	"net"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -52,8 +53,9 @@ type vring struct {
 	call    int  // eventfd or -1
 	enabled bool
 
-	req  *queue     // running request queue (idx >= 2)
-	ctrl *ctrlQueue // running control queue (idx == 0)
+	req  *queue      // running request queue (idx >= 2)
+	ctrl *ctrlQueue  // running control queue (idx == 0)
+	evq  *eventQueue // running event queue (idx == 1)
 }
 
 // session is one connected front-end (lifecycle.go has its states).
@@ -79,10 +81,21 @@ type session struct {
 	// goroutine (task management waits for their in-flight requests).
 	qmu  sync.Mutex
 	live []*queue
+
+	// negotiated mirrors features for the control plane's goroutines
+	// (which events the driver wants); 0 until SET_FEATURES, after a reset.
+	negotiated atomic.Uint64
+	// events are the virtio-scsi events not yet delivered (eventq.go).
+	events sessionEvents
+	// ua holds the unit attentions pending for this session (the I_T
+	// nexus), by LUN slot (luns.go): written under Controller.lunsMu,
+	// cleared by the reactor that reports one.
+	ua atomic.Pointer[uaFlags]
 }
 
 func newSession(c *Controller, conn *net.UnixConn, id uint64, peer string) *session {
 	s := &session{c: c, conn: proto.NewConn(conn), uconn: conn, log: c.log.With("session", id), id: id, peer: peer}
+	s.events.wake = make(chan struct{}, 1)
 	for i := range s.vrings {
 		s.vrings[i] = vring{idx: i, kick: -1, call: -1}
 	}
@@ -234,6 +247,7 @@ func (s *session) setFeatures(m *proto.Msg) error {
 	// QEMU 7.2; they change nothing we do, so they are tolerated.
 	s.features = v
 	s.featuresAcked = true
+	s.negotiated.Store(v)
 	// Without PROTOCOL_FEATURES rings are enabled as soon as they start.
 	return s.updateAll()
 }
@@ -427,10 +441,13 @@ func (s *session) setVringFD(m *proto.Msg) error {
 		v.call = fd
 		// A running queue swaps its call fd on its own reactor; the old fd is
 		// closed only after the swap, so no signal goes to a closed fd.
-		if v.req != nil {
+		switch {
+		case v.req != nil:
 			v.req.setCall(fd)
-		} else if v.ctrl != nil {
+		case v.ctrl != nil:
 			v.ctrl.setCall(fd)
+		case v.evq != nil:
+			v.evq.setCall(fd)
 		}
 		if old >= 0 {
 			unix.Close(old)
@@ -455,14 +472,14 @@ func (s *session) setVringEnable(m *proto.Msg) error {
 	return s.update(v)
 }
 
-func (v *vring) running() bool { return v.req != nil || v.ctrl != nil }
+func (v *vring) running() bool { return v.req != nil || v.ctrl != nil || v.evq != nil }
 
 // ready reports whether a ring should be processed: memory, size, addresses
 // and a kick, and enabled (or PROTOCOL_FEATURES not negotiated, in which case
 // rings are enabled when started).
 func (s *session) ready(v *vring) bool {
 	enabled := v.enabled || (s.featuresAcked && s.features&(1<<proto.FProtocolFeatures) == 0)
-	return !s.broken && s.mem != nil && v.num != 0 && v.addrSet && v.kickSet && enabled && v.idx != 1
+	return !s.broken && s.mem != nil && v.num != 0 && v.addrSet && v.kickSet && enabled
 }
 
 // update starts or stops v to match ready(v).
@@ -484,8 +501,12 @@ func (s *session) update(v *vring) error {
 	if err != nil {
 		return protoErr("vring %d: %v", v.idx, err)
 	}
-	if v.idx == 0 {
+	switch v.idx {
+	case 0:
 		v.ctrl = startCtrlQueue(s, v, vq)
+		return nil
+	case 1:
+		v.evq = startEventQueue(s, v, vq)
 		return nil
 	}
 	q, err := startQueue(s, v, vq)
@@ -521,6 +542,9 @@ func (s *session) stop(v *vring) {
 	case v.ctrl != nil:
 		v.base = v.ctrl.stop()
 		v.ctrl = nil
+	case v.evq != nil:
+		v.base = v.evq.stop()
+		v.evq = nil
 	}
 }
 
@@ -551,6 +575,10 @@ func (s *session) reset() {
 		*v = vring{idx: i, kick: -1, call: v.call}
 	}
 	s.features, s.featuresAcked, s.broken = 0, false, false
+	s.negotiated.Store(0)
+	// The driver scans again after a reset: stale events would only
+	// repeat what it finds.
+	s.events.reset()
 }
 
 // teardown releases everything the session holds, after draining.

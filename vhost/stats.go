@@ -102,13 +102,22 @@ type ControllerStats struct {
 
 	mu         sync.Mutex
 	live       map[*queue]struct{}
-	retiredLUN []LUNCounters
+	retiredLUN []LUNCounters          // by lunRef.slot
 	retiredQ   map[int]*QueueCounters // by request queue number
 }
 
 func newControllerStats(c *Controller) *ControllerStats {
-	return &ControllerStats{c: c, live: map[*queue]struct{}{},
-		retiredLUN: make([]LUNCounters, len(c.bdevs)), retiredQ: map[int]*QueueCounters{}}
+	return &ControllerStats{c: c, live: map[*queue]struct{}{}, retiredQ: map[int]*QueueCounters{}}
+}
+
+// resetLUN zeroes the retired counters of slot: its LUN is new, or gone
+// (a LUN added later at the same slot starts from zero, as a new series).
+func (cs *ControllerStats) resetLUN(slot int) {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	if slot < len(cs.retiredLUN) {
+		cs.retiredLUN[slot] = LUNCounters{}
+	}
 }
 
 func (cs *ControllerStats) add(q *queue) {
@@ -122,6 +131,9 @@ func (cs *ControllerStats) retire(q *queue) {
 	cs.mu.Lock()
 	defer cs.mu.Unlock()
 	delete(cs.live, q)
+	if n := len(q.lunSt); n > len(cs.retiredLUN) {
+		cs.retiredLUN = append(cs.retiredLUN, make([]LUNCounters, n-len(cs.retiredLUN))...)
+	}
 	for i := range q.lunSt {
 		cs.retiredLUN[i].add(&q.lunSt[i])
 	}
@@ -154,11 +166,13 @@ type LUNSnapshot struct {
 }
 
 // Snapshot sums retired and live counters. Live queues are copied on their
-// own reactors, so the reactors never pay for shared cache lines.
+// own reactors, so the reactors never pay for shared cache lines. LUNs are
+// those of the table now: a LUN removed is no longer listed, one added is.
 func (cs *ControllerStats) Snapshot() Snapshot {
+	tbl := cs.c.table.Load()
 	cs.mu.Lock()
 	defer cs.mu.Unlock()
-	luns := make([]LUNCounters, len(cs.retiredLUN))
+	luns := make([]LUNCounters, max(len(cs.retiredLUN), tbl.slots))
 	copy(luns, cs.retiredLUN)
 	qs := map[int]QueueCounters{}
 	for rq, c := range cs.retiredQ {
@@ -166,8 +180,9 @@ func (cs *ControllerStats) Snapshot() Snapshot {
 	}
 	for q := range cs.live {
 		// Allocated here, copied into on the reactor: the reactor itself
-		// never allocates for a scrape.
-		lc := make([]LUNCounters, len(q.lunSt))
+		// never allocates for a scrape. Slots past the table's belong to a
+		// LUN being added, not yet published: not listed, not needed.
+		lc := make([]LUNCounters, len(luns))
 		var qc QueueCounters
 		if q.r.Call(func() { copy(lc, q.lunSt); qc = q.st }) != nil {
 			continue
@@ -180,13 +195,12 @@ func (cs *ControllerStats) Snapshot() Snapshot {
 		qs[q.rq] = t
 	}
 	snap := Snapshot{Connections: cs.connections.Load(), Refused: cs.refused.Load(), ProtocolErrors: cs.protocolErrors.Load(), TMFs: cs.tmfs.Load(), Queues: qs}
-	for _, t := range cs.c.targets {
-		if t == nil {
-			continue
+	tbl.each(func(tg *target, ref *lunRef) {
+		var lc LUNCounters
+		if ref.slot < len(luns) {
+			lc = luns[ref.slot]
 		}
-		for _, ref := range t.luns {
-			snap.LUNs = append(snap.LUNs, LUNSnapshot{Target: t.id, LUN: ref.id, Bdev: ref.bdev.Info().Name, LUNCounters: luns[ref.idx]})
-		}
-	}
+		snap.LUNs = append(snap.LUNs, LUNSnapshot{Target: tg.id, LUN: ref.id, Bdev: ref.bdev.Info().Name, LUNCounters: lc})
+	})
 	return snap
 }
