@@ -2,19 +2,73 @@ package vhost
 
 // The session and queue lifecycle, in one place. The code that implements
 // each step is in controller.go (admission), session.go (messages, vring
-// state) and queue.go / ctrlq.go (running rings); this is the map to check
-// it against. Three goroutine kinds touch a session: the controller's accept
-// loop and one goroutine per connection (the "session goroutine": admission,
-// then every vhost-user message in order), the reactors (running request
-// queues), and one goroutine per running control queue.
+// state), queue.go / ctrlq.go / eventq.go (running rings) and luns.go (the
+// LUN table changing at runtime); this is the map to check it against.
+// Four goroutine kinds touch a session: the controller's accept loop and one
+// goroutine per connection (the "session goroutine": admission, then every
+// vhost-user message in order), the reactors (running request queues), one
+// goroutine per running control queue and one per running event queue. A
+// fifth, the management caller (RPC), changes LUNs through AddLUN,
+// RemoveLUN and CapacityChanged.
 //
 // # Controller
 //
 //	LISTENING --Close--> CLOSED
 //
-// Owns: the socket, the SCSI targets and LUNs (shared by all its sessions:
-// the only shared state), Stats (counters summed over sessions, written by
-// each queue's own reactor), and the set of sessions (under mu).
+// Owns: the socket, the LUN table (shared by all its sessions: the only
+// shared state, see below), Stats (counters summed over sessions, written
+// by each queue's own reactor), the set of sessions (under mu) and the set
+// of running request queues of all sessions (queues, under lunsMu).
+//
+// Locks, in the only order they nest: lunsMu, then mu or Stats.mu. No lock
+// is taken on a reactor; reactors only load atomics (the table, a session's
+// unit attention flags) and run the messages they are sent.
+//
+// # LUN table (luns.go)
+//
+// A lunTable (targets, each an immutable scsi.Target, and its LUNs' slots)
+// is never modified once published in Controller.table. A request queue
+// loads it once per command; the control queue once per TMF. Every change
+// builds a new table and is made under lunsMu, which queue starts and stops
+// also take, so each change reaches every running queue exactly once:
+//
+//   - startQueue (session goroutine, lunsMu held): open a channel of every
+//     LUN of the current table, register the queue in queues, start it on
+//     its reactor. A table published later reaches it through AddLUN.
+//   - queue stop (session goroutine): drain without lunsMu (a drain needs
+//     only the reactor), then under lunsMu unregister, close its channels,
+//     retire its counters. A RemoveLUN in progress has finished with it; a
+//     later one does not find it.
+//   - AddLUN: take a free slot; on every registered queue open a channel of
+//     the bdev and install it at the slot through reactor.Call (growing the
+//     queue's per-slot arrays, allocated off the reactor); only then publish
+//     the table. A command can only find the LUN after its channel is there.
+//     Then, per session: RESCAN event (HOTPLUG), UA 3F/0E on the target's
+//     other LUNs, the new slot's stale UA flags cleared.
+//   - RemoveLUN: publish the table without the LUN (new commands get the
+//     missing-LUN answer; a target left empty answers BAD_TARGET). Then, per
+//     registered queue, reactor.Call messages: the first one runs after every
+//     command that loaded the old table on that reactor (a reactor runs a
+//     command from load to submit without yielding), so from then on only
+//     completions come; the queue's per-slot in-flight count is read until 0,
+//     and in the same message the channel is taken off the queue. It is
+//     closed off the reactor. Only then the slot is freed, RemoveLUN returns
+//     (the caller may close the bdev) and REMOVED events go out.
+//   - CapacityChanged: the LUNs over the bdev get a new scsi.LUN over the
+//     bdev's new Info (same slot, same channels); published; then per session
+//     UA 2A/09 on those slots and a PARAM_CHANGE event (CHANGE).
+//
+// A capacity change itself (bdev.Resizer, bdev.Rescanner) is the bdev's: it
+// stores the new size, which channels load per IO, then publishes a new
+// Info. A shrink is refused while any channel is open, so no running queue
+// ever sees its device shrink under it; a grow is visible to the channels
+// before any LUN is built over it.
+//
+// Unit attentions (SAM-5 5.14) are per session (the I_T nexus) and LUN
+// slot: session.ua, chunks of atomic words that only the management caller
+// adds (under lunsMu) and that a reactor clears with a compare-and-swap when
+// it reports one, so one command of the session reports each, on whichever
+// queue comes first. INQUIRY and REPORT LUNS leave it pending.
 //
 // # Admission (per accepted connection)
 //
@@ -36,7 +90,9 @@ package vhost
 //
 // Owns (session goroutine only): features, the memory table (mem), the 66
 // vrings' configuration and fds, and the list of running queues (live, also
-// read by the control queue's goroutine under qmu). Nothing of a session is
+// read by the control queue's goroutine under qmu). Shared with other
+// goroutines: negotiated (the features, atomic, for the management caller's
+// event decisions), events (pending events, under events.mu) and ua (above). Nothing of a session is
 // reachable from another session: each has its own rings, memory mappings,
 // bdev channels (opened per queue), call/kick fds and task management scope
 // (a TMF waits for its own session's requests only).
@@ -47,12 +103,11 @@ package vhost
 //
 // # Vring (one per index; request queues are index >= 2, 0 is control, 1 event)
 //
-// State is derived, not stored: a vring is RUNNING when v.req or v.ctrl is
-// set, and update() makes RUNNING equal to ready():
+// State is derived, not stored: a vring is RUNNING when v.req, v.ctrl or
+// v.evq is set, and update() makes RUNNING equal to ready():
 //
 //	ready = memory table present && NUM && ADDR && KICK seen since the last stop
 //	        && (SET_VRING_ENABLE non-zero || PROTOCOL_FEATURES not negotiated)
-//	        && index != 1 (the event queue is never processed: no events are sent)
 //	        && session not broken
 //
 //	IDLE    --NUM/ADDR/BASE/KICK/ENABLE/SET_FEATURES/SET_MEM_TABLE/ADD_MEM_REG, ready--> RUNNING
@@ -72,6 +127,10 @@ package vhost
 //     run on the reactor: setCall, stop, counters for scrapes.
 //   - RUNNING control queue: its goroutine owns the virtq; the call fd is
 //     swapped under ctrlQueue.mu.
+//   - RUNNING event queue: its goroutine owns the virtq (call fd swapped
+//     under eventQueue.mu). It takes a posted buffer only for a pending
+//     event, so buffers wait in the ring; woken by a kick (buffers posted)
+//     or by events.wake (an event raised).
 //   - STOPPING: the reactor still owns the queue; stop() on the session
 //     goroutine waits until the reactor has taken every chain already
 //     available (at most one ring), completed every in-flight request,
@@ -91,5 +150,18 @@ package vhost
 //   - Requests kicked before a stop: STOPPING still takes what is available.
 //
 // RESET_DEVICE / RESET_OWNER: every ring STOPPING --> IDLE, ring state
-// forgotten, features cleared; the connection, ownership, memory table and
+// forgotten, features cleared (negotiated too), pending events dropped (the
+// driver scans after a reset); the connection, ownership, memory table and
 // call fds stay (QEMU 7.2 sets call fds once, before its RESET_DEVICEs).
+// Pending unit attentions stay: they are the LUN's, not the driver's.
+//
+// # Events (eventq.go)
+//
+// An event is queued only for a session that negotiated its feature
+// (TRANSPORT_RESET: VIRTIO_SCSI_F_HOTPLUG; PARAM_CHANGE:
+// VIRTIO_SCSI_F_CHANGE) and waits in the session's pending list, whether or
+// not the event ring runs, until the driver has a buffer posted (Linux
+// posts 8, and only with HOTPLUG). The list holds eventsPendingMax; an
+// event raised past that is dropped and the next one delivered carries
+// VIRTIO_SCSI_T_EVENTS_MISSED, on which Linux rescans the host. Stopping
+// the ring keeps the pending events for its restart.
