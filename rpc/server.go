@@ -148,9 +148,11 @@ func (s *Server) handler(method string) Handler {
 	return s.methods[method]
 }
 
-// Listen creates the unix socket path (see listenUnix for the checks made
-// first), gives it mode and, unless -1, owner uid and group gid, and serves
-// it until Close, which removes it.
+// Listen creates the unix socket path, gives it mode and, unless -1, owner
+// uid and group gid, and serves it until Close, which removes it. Whoever
+// can connect can change the target, so it refuses a directory that is
+// world-writable without the sticky bit, never follows or replaces what is
+// not a socket, and replaces a socket only when nobody listens on it.
 func (s *Server) Listen(path string, mode os.FileMode, uid, gid int) error {
 	ln, err := listenUnix(path, mode, uid, gid)
 	if err != nil {
@@ -315,7 +317,10 @@ func (s *Server) serveConn(c net.Conn) {
 	for {
 		// The decoder may hold bytes of this request read with the last
 		// one; they count against this request's budget.
-		in.left = s.opts.MaxRequestBytes - dec.Buffered().(interface{ Len() int }).Len()
+		in.left = s.opts.MaxRequestBytes
+		if b, ok := dec.Buffered().(interface{ Len() int }); ok {
+			in.left -= b.Len()
+		}
 		var raw json.RawMessage
 		if err := dec.Decode(&raw); err != nil {
 			s.readFailed(c, err)
