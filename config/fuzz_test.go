@@ -52,7 +52,7 @@ func FuzzParse(f *testing.F) {
 				}
 			}
 		}
-			out, err := c.Encode("")
+		out, err := c.Encode("")
 		if err != nil {
 			t.Fatalf("accepted config does not encode: %v", err)
 		}

@@ -78,7 +78,7 @@ bdev = "raw"
 	if !strings.Contains(string(out), "preconditioned LBA 0..2047 (8 MiB) with 1024 KiB writes on 2 queue(s) in ") {
 		t.Errorf("no precondition line in the bench's output:\n%s", out)
 	}
-	pre := tg.bdevs[0].(*malloc.Disk).Bytes()
+	pre := tg.bdev("pre").(*malloc.Disk).Bytes()
 	for lba := range uint64(len(pre) / 4096) {
 		blk := pre[lba*4096:]
 		if binary.LittleEndian.Uint64(blk) != lba || binary.LittleEndian.Uint32(blk[12:]) != verifyMagic {
@@ -94,7 +94,7 @@ bdev = "raw"
 	if out, _ = os.ReadFile(progress.Name()); strings.Contains(string(out), "precondition") {
 		t.Errorf("-precondition=false preconditioned:\n%s", out)
 	}
-	raw := tg.bdevs[1].(*malloc.Disk).Bytes()
+	raw := tg.bdev("raw").(*malloc.Disk).Bytes()
 	if i := slices.IndexFunc(raw, func(b byte) bool { return b != 0 }); i >= 0 {
 		t.Errorf("-precondition=false wrote byte %d", i)
 	}

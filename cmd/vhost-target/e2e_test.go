@@ -68,7 +68,7 @@ func (e *e2eTarget) sock(name string) string {
 
 // ctrl returns the named controller.
 func (e *e2eTarget) ctrl(name string) *vhost.Controller {
-	for _, c := range e.controllers {
+	for _, c := range e.controllers() {
 		if c.Name() == name {
 			return c
 		}

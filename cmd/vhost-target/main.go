@@ -19,6 +19,8 @@ import (
 	"os/signal"
 	"runtime"
 	"runtime/pprof"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -85,10 +87,21 @@ func run(args []string) int {
 		fmt.Fprintf(os.Stderr, "vhost-target: %v\n", err)
 		return 1
 	}
+	t.cfgPath = *cfgPath
 	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
-	s := <-sig
-	log.Info("signal received: draining in-flight I/O and shutting down", "signal", s.String())
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	for s := range sig {
+		if s == syscall.SIGHUP {
+			// Re-read the file and apply the difference; a bad file changes
+			// nothing and the target keeps serving.
+			if _, err := t.reload("SIGHUP"); err != nil {
+				log.Error("reload refused", "file", t.cfgPath, "err", err)
+			}
+			continue
+		}
+		log.Info("signal received: draining in-flight I/O and shutting down", "signal", s.String())
+		break
+	}
 	t.stop()
 	log.Info("stopped")
 	return 0
@@ -101,18 +114,38 @@ func srcName(p string) string {
 	return p
 }
 
-// target is a running vhost-target.
+// target is a running vhost-target. Reactors are fixed at start; bdevs and
+// controllers change at runtime (manage.go), under mu.
 type target struct {
-	log         *slog.Logger
-	reactors    []*reactor.Reactor
-	bdevs       []bdev.Bdev
-	controllers []*vhost.Controller
+	log      *slog.Logger
+	reactors []*reactor.Reactor
+	byCPU    map[int]*reactor.Reactor
+
+	// cfgPath is the file reload reads ("" = started on the built-in default).
+	cfgPath string
+
+	mu    sync.Mutex     // serialises management changes (RPC, reload, stop)
+	cfg   *config.Config // the running configuration: what save_config writes
+	bdevs map[string]bdev.Bdev
+	ctrls map[string]*vhost.Controller
+	// view is the controller list for /metrics, replaced on every change.
+	view atomic.Pointer[[]*vhost.Controller]
+
 	metrics     *http.Server
 	metricsAddr string // host:port the metrics endpoint listens on
+	rpc         rpcServer
 }
 
+// start brings up reactors, then opens the bdevs and controllers of cfg one
+// by one through the same code the runtime API uses.
 func start(cfg *config.Config, log *slog.Logger) (t *target, err error) {
-	t = &target{log: log}
+	// The running configuration starts without bdevs and controllers; each
+	// is added as the API would add it.
+	base := cfg.Clone()
+	base.Bdevs, base.Controllers = nil, nil
+	t = &target{log: log, cfg: base, byCPU: map[int]*reactor.Reactor{},
+		bdevs: map[string]bdev.Bdev{}, ctrls: map[string]*vhost.Controller{}}
+	t.publishControllers()
 	defer func() {
 		if err != nil {
 			t.stop()
@@ -128,7 +161,6 @@ func start(cfg *config.Config, log *slog.Logger) (t *target, err error) {
 	if cfg.Reactors.Poll == config.PollAdaptive {
 		mode = reactor.Adaptive
 	}
-	byCPU := map[int]*reactor.Reactor{}
 	for i, cpu := range cfg.Reactors.CPUs {
 		r, err := reactor.New(i, cpu, mode)
 		if err != nil {
@@ -138,46 +170,22 @@ func start(cfg *config.Config, log *slog.Logger) (t *target, err error) {
 			return t, err
 		}
 		t.reactors = append(t.reactors, r)
-		byCPU[cpu] = r
-	}
-	bdevs := map[string]bdev.Bdev{}
-	for _, b := range cfg.Bdevs {
-		d, err := openBdev(&b, bdevs, log)
-		if err != nil {
-			return t, err
-		}
-		t.bdevs = append(t.bdevs, d)
-		bdevs[b.Name] = d
+		t.byCPU[cpu] = r
 	}
 	if err := os.MkdirAll(cfg.SocketDir, 0o755); err != nil {
 		return t, fmt.Errorf("socket_dir: %w", err)
 	}
-	for i := range cfg.Controllers {
-		cc := &cfg.Controllers[i]
-		vc := vhost.Config{
-			Name: cc.Name, SocketPath: cfg.SocketPath(cc), SocketMode: os.FileMode(cc.SocketMode),
-			NumQueues: cc.NumQueues, MaxSessions: cc.MaxSessions, Logger: log,
-		}
-		vc.SocketUID, vc.SocketGID, err = cc.SocketIDs()
-		if err != nil {
-			return t, fmt.Errorf("controller %q: %w", cc.Name, err)
-		}
-		for _, cpu := range cc.CPUs {
-			vc.Reactors = append(vc.Reactors, byCPU[cpu])
-		}
-		for _, l := range cc.LUNs {
-			vc.LUNs = append(vc.LUNs, vhost.LUNSpec{Target: l.Target, LUN: l.LUN, Bdev: bdevs[l.Bdev]})
-		}
-		c, err := vhost.NewController(vc)
-		if err != nil {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, b := range cfg.Bdevs {
+		if err := t.addBdevLocked(b, cfg.Source()); err != nil {
 			return t, err
 		}
-		if err := c.Listen(); err != nil {
+	}
+	for _, cc := range cfg.Controllers {
+		if err := t.addControllerLocked(cc, cfg.Source()); err != nil {
 			return t, err
 		}
-		t.controllers = append(t.controllers, c)
-		log.Info("controller listening", "controller", cc.Name, "socket", vc.SocketPath,
-			"luns", len(cc.LUNs), "num_queues", cc.NumQueues, "max_sessions", cc.MaxSessions, "cpus", fmt.Sprint(cc.CPUs))
 	}
 	if cfg.Metrics.Listen != "" {
 		ln, err := net.Listen("tcp", cfg.Metrics.Listen)
@@ -194,8 +202,40 @@ func start(cfg *config.Config, log *slog.Logger) (t *target, err error) {
 		go t.metrics.Serve(ln)
 		log.Info("metrics listening", "url", "http://"+ln.Addr().String()+"/metrics")
 	}
+	if err := t.startRPC(cfg); err != nil {
+		return t, err
+	}
 	log.Info("vhost-target ready", "reactors", fmt.Sprint(cfg.Reactors.CPUs), "poll", cfg.Reactors.Poll)
 	return t, nil
+}
+
+// newController creates and starts the controller cc of configuration c.
+func (t *target) newController(c *config.Config, cc *config.Controller) (*vhost.Controller, error) {
+	vc := vhost.Config{
+		Name: cc.Name, SocketPath: c.SocketPath(cc), SocketMode: os.FileMode(cc.SocketMode),
+		NumQueues: cc.NumQueues, MaxSessions: cc.MaxSessions, Logger: t.log,
+	}
+	var err error
+	vc.SocketUID, vc.SocketGID, err = cc.SocketIDs()
+	if err != nil {
+		return nil, fmt.Errorf("controller %q: %w", cc.Name, err)
+	}
+	for _, cpu := range cc.CPUs {
+		vc.Reactors = append(vc.Reactors, t.byCPU[cpu])
+	}
+	for _, l := range cc.LUNs {
+		vc.LUNs = append(vc.LUNs, vhost.LUNSpec{Target: l.Target, LUN: l.LUN, Bdev: t.bdevs[l.Bdev]})
+	}
+	ctrl, err := vhost.NewController(vc)
+	if err != nil {
+		return nil, err
+	}
+	if err := ctrl.Listen(); err != nil {
+		return nil, err
+	}
+	t.log.Info("controller listening", "controller", cc.Name, "socket", vc.SocketPath,
+		"luns", len(cc.LUNs), "num_queues", cc.NumQueues, "max_sessions", cc.MaxSessions, "cpus", fmt.Sprint(cc.CPUs))
+	return ctrl, nil
 }
 
 // openBdev opens one configured bdev; opened holds those opened before it
@@ -237,23 +277,36 @@ func openErrorBdev(b *config.Bdev, base bdev.Bdev) (bdev.Bdev, error) {
 	return errbdev.New(errbdev.Config{Name: b.Name, Base: base, Rules: rules, UUID: b.UUID})
 }
 
-// stop closes controllers (each drains its in-flight I/O before closing its
-// connections), then reactors, then bdevs.
+// stop closes the RPC server, then controllers (each drains its in-flight
+// I/O before closing its connections), then reactors, then bdevs (error
+// bdevs before the bdevs they wrap).
 func (t *target) stop() {
+	t.stopRPC()
 	if t.metrics != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		t.metrics.Shutdown(ctx)
 		cancel()
 	}
-	for _, c := range t.controllers {
-		if err := c.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
-			t.log.Warn("closing controller", "controller", c.Name(), "err", err)
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for i := len(t.cfg.Controllers) - 1; i >= 0; i-- {
+		name := t.cfg.Controllers[i].Name
+		if c := t.ctrls[name]; c != nil {
+			if err := c.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+				t.log.Warn("closing controller", "controller", name, "err", err)
+			}
+			delete(t.ctrls, name)
 		}
 	}
+	t.publishControllers()
 	for _, r := range t.reactors {
 		r.Stop()
 	}
-	for _, b := range t.bdevs {
-		b.Close()
+	for i := len(t.cfg.Bdevs) - 1; i >= 0; i-- {
+		name := t.cfg.Bdevs[i].Name
+		if b := t.bdevs[name]; b != nil {
+			b.Close()
+			delete(t.bdevs, name)
+		}
 	}
 }

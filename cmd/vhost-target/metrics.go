@@ -54,7 +54,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	counter := func(d *prometheus.Desc, v uint64, l ...string) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), l...)
 	}
-	for _, ctrl := range c.t.controllers {
+	for _, ctrl := range c.t.controllers() {
 		s := ctrl.Stats.Snapshot()
 		n := ctrl.Name()
 		for _, l := range s.LUNs {
