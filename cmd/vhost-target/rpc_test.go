@@ -458,3 +458,65 @@ func TestReload(t *testing.T) {
 		t.Errorf("save_config after reload:\n%s", saved)
 	}
 }
+
+// TestRPCResizeRescan: bdev_aio_rescan picks up a backing file grown by
+// someone else, bdev_resize grows one, a shrink of a bdev in use is refused
+// (-16), and a connected initiator learns of each change through UNIT
+// ATTENTION 2A/09 before READ CAPACITY reports the new size.
+func TestRPCResizeRescan(t *testing.T) {
+	tg, c := rpcTarget(t, rpcBase)
+	img := filepath.Join(t.TempDir(), "r.img")
+	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	call[string](t, c, "bdev_aio_create", m{"name": "r0", "filename": img})
+	call[int](t, c, "vhost_scsi_controller_add_target", m{"ctrlr": "c0", "scsi_target_num": 1, "bdev_name": "r0"})
+	dev, err := frontend.Dial(filepath.Join(tg.cfg.SocketDir, "c0"), frontend.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	capacity := func() uint64 {
+		t.Helper()
+		for range 3 { // a unit attention first, then the answer
+			r, err := dev.Do(frontend.Command{Target: 1, CDB: []byte{0x25, 9: 0}, DataInLen: 8})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.Status == 0 {
+				d := r.DataIn
+				return (uint64(d[0])<<24 | uint64(d[1])<<16 | uint64(d[2])<<8 | uint64(d[3])) + 1
+			}
+			if len(r.Sense) < 14 || r.Sense[2]&0xf != 6 || r.Sense[12] != 0x2a || r.Sense[13] != 0x09 {
+				t.Fatalf("READ CAPACITY: status %#x sense % x, want GOOD or UNIT ATTENTION 2A/09", r.Status, r.Sense)
+			}
+		}
+		t.Fatal("unit attention reported more than once")
+		return 0
+	}
+	if n := capacity(); n != 2048 {
+		t.Fatalf("capacity %d blocks, want 2048", n)
+	}
+	if err := os.Truncate(img, 3<<20); err != nil {
+		t.Fatal(err)
+	}
+	call[bool](t, c, "bdev_aio_rescan", m{"name": "r0"})
+	if n := capacity(); n != 6144 {
+		t.Errorf("after growing the file and bdev_aio_rescan: %d blocks, want 6144", n)
+	}
+	call[bool](t, c, "bdev_resize", m{"name": "r0", "new_size": 4})
+	if n := capacity(); n != 8192 {
+		t.Errorf("after bdev_resize 4 MiB: %d blocks, want 8192", n)
+	}
+	callErr(t, c, "bdev_resize", m{"name": "r0", "new_size": 1}, -16, `bdev "r0": resize`)
+	if n := capacity(); n != 8192 {
+		t.Errorf("after a refused shrink: %d blocks", n)
+	}
+	callErr(t, c, "bdev_aio_rescan", m{"name": "m0"}, -19, `bdev "m0" does not exist`) // not an aio bdev
+	// A bdev no LUN uses may shrink.
+	call[bool](t, c, "vhost_scsi_controller_remove_target", m{"ctrlr": "c0", "scsi_target_num": 1})
+	call[bool](t, c, "bdev_resize", m{"name": "r0", "new_size": 1})
+	if b := call[[]bdevJSON](t, c, "bdev_get_bdevs", m{"name": "r0"}); b[0].NumBlocks != 2048 {
+		t.Errorf("after shrinking an unused bdev: %d blocks", b[0].NumBlocks)
+	}
+}
