@@ -102,6 +102,17 @@ func rpcMain(args []string, stdout, stderr io.Writer) int {
 		return fail(1, "%s: %s: %v", method, path, cause)
 	}
 	var out bytes.Buffer
+	var text string
+	if json.Unmarshal(result, &text) == nil {
+		// A string result is printed as text, so that
+		// "vhost-target rpc save_config > target.toml" writes the file.
+		out.WriteString(text)
+		if !strings.HasSuffix(text, "\n") {
+			out.WriteByte('\n')
+		}
+		stdout.Write(out.Bytes())
+		return 0
+	}
 	if err := json.Indent(&out, result, "", "  "); err != nil {
 		return fail(1, "%s: result is not JSON: %v", method, err) // cannot happen: the client parsed it
 	}
@@ -116,7 +127,8 @@ func rpcUsage(fs *flag.FlagSet) {
        vhost-target rpc [-s SOCKET | -c target.toml] [-t TIMEOUT] -p JSON METHOD
 
 Calls METHOD of the running target over its JSON-RPC socket and prints the
-result as JSON. The methods are SPDK's (bdev_malloc_create, bdev_get_bdevs,
+result as JSON; a string result (a bdev name, save_config's TOML file) is
+printed as text. The methods are SPDK's (bdev_malloc_create, bdev_get_bdevs,
 vhost_create_scsi_controller, ...); "vhost-target rpc rpc_get_methods" lists
 them. Flags come before METHOD.
 

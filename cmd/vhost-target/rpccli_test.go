@@ -32,6 +32,12 @@ func cliServer(t *testing.T) string {
 	s.Register("fail", func(ctx context.Context, params json.RawMessage) (any, error) {
 		return nil, rpc.Errnof(syscall.ENODEV, "bdev %q does not exist", "x")
 	})
+	s.Register("text", func(ctx context.Context, params json.RawMessage) (any, error) {
+		return "socket_dir = \"/x\"\n[rpc]\n", nil
+	})
+	s.Register("name", func(ctx context.Context, params json.RawMessage) (any, error) {
+		return "mem1", nil
+	})
 	s.Register("plain", func(ctx context.Context, params json.RawMessage) (any, error) {
 		return nil, errors.New("boom")
 	})
@@ -83,6 +89,8 @@ func TestRPCCLI(t *testing.T) {
 		{name: "-p", args: []string{"-s", sock, "-p", `{"name": "m0", "n": [1]}`, "echo"},
 			stdout: "{\n  \"params\": {\n    \"name\": \"m0\",\n    \"n\": [\n      1\n    ]\n  }\n}\n"},
 		{name: "-c", args: []string{"-c", cfg, "echo", "x=1"}, stdout: "{\n  \"params\": {\n    \"x\": 1\n  }\n}\n"},
+		{name: "string result is text", args: []string{"-s", sock, "text"}, stdout: "socket_dir = \"/x\"\n[rpc]\n"},
+		{name: "string result gets a newline", args: []string{"-s", sock, "name"}, stdout: "mem1\n"},
 		{name: "-t 0", args: []string{"-s", sock, "-t", "0", "echo"}, stdout: "{\n  \"params\": null\n}\n"},
 
 		{name: "errno error", args: []string{"-s", sock, "fail"}, status: 1, stderr: "vhost-target rpc: fail: bdev \"x\" does not exist (code -19)\n"},
