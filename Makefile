@@ -10,8 +10,11 @@ GOTEST_FLAGS ?= -count=1
 
 all: build
 
+# The version `vhost-target version` and spdk_get_version report.
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo devel)
+
 build:
-	$(GO) build -o $(BIN) ./cmd/vhost-target
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/vhost-target
 
 # Run the target on the built-in default config (a 256 MiB memory disk on
 # controller vhost.0); the log says where the socket and /metrics are.
