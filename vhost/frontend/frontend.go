@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -51,6 +52,10 @@ type Options struct {
 	ProtocolMask      uint64
 	NeedReplyAll      bool // with REPLY_ACK, ask for an ack on every message that has no reply body
 	SkipControlQueues bool // like SeaBIOS: configure only the request queues
+	// RetryUnitAttention makes Do send a command again when the device
+	// answers it with UNIT ATTENTION, recording the condition
+	// (Device.UnitAttentions), as a guest's SCSI layer does.
+	RetryUnitAttention bool
 	// InterruptDriven makes Do and Control wait for the call eventfd before
 	// looking at the used ring, as a guest driver does, instead of polling
 	// it: a completion whose interrupt is lost then times out, as it hangs
@@ -179,6 +184,9 @@ type Device struct {
 	queueNum          uint64
 	tag               atomic.Uint64
 	closed            bool
+
+	uaMu sync.Mutex
+	uas  []UnitAttention // absorbed by Do (Options.RetryUnitAttention)
 }
 
 // NewUnstarted connects and builds guest memory and rings but sends nothing:

@@ -139,9 +139,69 @@ func (q *Queue) beginScratch() {
 	}
 }
 
+// UnitAttention is a unit attention condition the device reported to Do
+// while Options.RetryUnitAttention was set.
+type UnitAttention struct {
+	Target    uint8
+	LUN       uint16
+	ASC, ASCQ byte
+}
+
+// unitAttentionRetries bounds the resubmissions of one command: a device
+// keeps at most a few conditions per LUN (Linux retries up to 5 times).
+const unitAttentionRetries = 8
+
+// SenseCode returns the sense key, ASC and ASCQ of fixed (0x70, 0x71) or
+// descriptor (0x72, 0x73) format sense data; zeroes when there is none.
+func (r *Response) SenseCode() (key, asc, ascq byte) {
+	s := r.Sense
+	switch {
+	case len(s) >= 14 && s[0]&0x7e == 0x70:
+		return s[2] & 0x0f, s[12], s[13]
+	case len(s) >= 4 && s[0]&0x7e == 0x72:
+		return s[1] & 0x0f, s[2], s[3]
+	}
+	return 0, 0, 0
+}
+
+// IsUnitAttention reports whether r is CHECK CONDITION with sense key UNIT
+// ATTENTION.
+func (r *Response) IsUnitAttention() bool {
+	key, _, _ := r.SenseCode()
+	return r.Response == 0 && r.Status == 0x02 && key == 0x06
+}
+
+// UnitAttentions returns the unit attentions Do absorbed (with
+// Options.RetryUnitAttention) since the last call, oldest first.
+func (d *Device) UnitAttentions() []UnitAttention {
+	d.uaMu.Lock()
+	defer d.uaMu.Unlock()
+	u := d.uas
+	d.uas = nil
+	return u
+}
+
 // Do submits one command and waits for its completion: it busy-polls the
 // used ring and, between polls, sleeps on the call eventfd (draining it).
+// With Options.RetryUnitAttention a CHECK CONDITION / UNIT ATTENTION answer
+// is recorded (UnitAttentions) and the command sent again, as Linux's SCSI
+// midlayer retries a command a non-removable disk answered so; otherwise
+// the caller sees it.
 func (d *Device) Do(c Command) (*Response, error) {
+	for i := 0; ; i++ {
+		r, err := d.do(c)
+		if err != nil || !d.o.RetryUnitAttention || !r.IsUnitAttention() || i == unitAttentionRetries {
+			return r, err
+		}
+		_, asc, ascq := r.SenseCode()
+		d.uaMu.Lock()
+		d.uas = append(d.uas, UnitAttention{Target: c.Target, LUN: c.LUN, ASC: asc, ASCQ: ascq})
+		d.uaMu.Unlock()
+		c.Tag = 0
+	}
+}
+
+func (d *Device) do(c Command) (*Response, error) {
 	if c.Queue < 0 || c.Queue >= d.o.NumQueues {
 		return nil, fmt.Errorf("frontend: request queue %d of %d", c.Queue, d.o.NumQueues)
 	}
@@ -363,6 +423,24 @@ func (q *Queue) postEvent(i int) {
 	clear(q.d.mem.slice(gpa, EventSize))
 	if _, ok := q.addChain([]Desc{{Addr: gpa, Len: EventSize, Flags: DescFWrite}}, headEvent, nil, i); !ok {
 		q.violate("no descriptor to repost event buffer %d", i)
+	}
+}
+
+// WaitEvents collects events (Events) until at least n have arrived, or
+// until timeout has passed: it then returns those that came and an error
+// wrapping ErrTimeout. n 0 returns at once with what is there.
+func (d *Device) WaitEvents(n int, timeout time.Duration) ([]Event, error) {
+	deadline := time.Now().Add(timeout)
+	var evs []Event
+	for {
+		evs = append(evs, d.Events()...)
+		if len(evs) >= n {
+			return evs, nil
+		}
+		if time.Now().After(deadline) {
+			return evs, fmt.Errorf("frontend: %d of %d events after %v: %w", len(evs), n, timeout, ErrTimeout)
+		}
+		d.vrings[EventVring].WaitCallFD(time.Millisecond)
 	}
 }
 
