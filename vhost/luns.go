@@ -182,7 +182,10 @@ func (c *Controller) AddLUN(spec LUNSpec) error {
 // target's other LUNs a REPORTED LUNS DATA HAS CHANGED unit attention.
 //
 // A bdev that never completes an IO holds RemoveLUN (and queue starts and
-// stops of this controller) until it does; it logs a WARN every 10 s.
+// stops of this controller) until it does; it logs a WARN every 10 s. The
+// one exception is a queue whose stop gave up draining (queue.stop, after
+// 30 s): nothing polls its channels, so RemoveLUN leaves that channel to the
+// stop, which closes it, and returns with a WARN.
 func (c *Controller) RemoveLUN(target uint8, lun uint16) error {
 	c.lunsMu.Lock()
 	defer c.lunsMu.Unlock()
@@ -379,14 +382,25 @@ func (q *queue) drainLUN(slot int, target uint8, lun uint16) {
 	for {
 		var ch bdev.Channel
 		var inflight int64
+		var stopped bool
 		err := q.r.Call(func() {
 			if slot < len(q.lunSt) {
 				inflight = q.lunSt[slot].InFlight
 			}
+			stopped = q.stopped
 			if inflight == 0 {
 				ch = q.takeChannel(slot)
 			}
 		})
+		if err == nil && inflight > 0 && stopped {
+			// Only after a stop that gave up waiting (queue.stop's 30 s):
+			// nothing polls the channel, so its IOs never complete here.
+			// The queue's stop closes it; waiting would hold lunsMu, which
+			// that stop needs.
+			q.s.log.Warn("removing a LUN: its commands on a queue that stopped without draining are lost",
+				"vring", q.idx, "target", target, "lun", lun, "in_flight", inflight)
+			return
+		}
 		if err != nil {
 			// The reactor is gone: nothing runs q, nothing completes.
 			if slot < len(q.chans) {

@@ -74,6 +74,7 @@ type queue struct {
 	stopping bool
 	stopTake int         // chains a stopping queue may still take (see stop)
 	stopCh   chan uint16 // set by stop; the reactor sends the final avail index
+	stopped  bool        // off the reactor: nothing polls its channels any more
 	now      int64       // time of the current Poll: one clock read per poll, not per request
 	wakeFDs  []int       // adaptive mode: completion eventfd per channel (-1 none), watched by the reactor
 
@@ -246,6 +247,7 @@ func (q *queue) finishStop() {
 	q.r.RemovePoller(q)
 	q.stopCh <- q.vq.LastAvail()
 	q.stopCh = nil
+	q.stopped = true
 }
 
 // Poll reaps bdev completions, then starts up to popBatch new requests.
