@@ -231,6 +231,23 @@ func TestEmptyController(t *testing.T) {
 	if got := c.LUNs(); len(got) != 1 || got[0].Target != 2 || got[0].LUN != 0 || got[0].Bdev != disk {
 		t.Errorf("LUNs = %+v", got)
 	}
+	// A LUN above 255 is addressed in the event as in REPORT LUNS (flat
+	// space, 0x40 in byte 2), as QEMU does and Linux expects.
+	if err := c.AddLUN(lun(2, 300, e.disk("m300", 1<<20, 512))); err != nil {
+		t.Fatal(err)
+	}
+	evs, err := d.WaitEvents(1, 5*time.Second)
+	if err != nil || len(evs) != 1 || evs[0].LUN != [8]byte{1, 2, 0x41, 0x2c} || evs[0].Reason != reasonRescan {
+		t.Fatalf("event for LUN 300: %+v %v", evs, err)
+	}
+	r := do(t, d, frontend.Command{Target: 2, CDB: cdbReportLUNs(), DataInLen: 256})
+	if !bytes.Equal(r.DataIn[16:18], []byte{0x41, 0x2c}) {
+		t.Errorf("REPORT LUNS entry of LUN 300: % x", r.DataIn[16:24])
+	}
+	writeReadLUN(t, d, 2, 300, 0, 5)
+	if got := c.LUNs(); len(got) != 2 || got[1].LUN != 300 {
+		t.Errorf("LUNs = %+v", got)
+	}
 	d.Close()
 	d2 := dial(t, sock, frontend.Options{})
 	writeReadLUN(t, d2, 2, 0, 0, 4)
