@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -32,6 +33,56 @@ func CapacitySuite(t *testing.T, f Factory) {
 	t.Run("RescanGrownByOther", func(t *testing.T) { testRescanGrown(t, f) })
 	t.Run("RescanShrunk", func(t *testing.T) { testRescanShrunk(t, f) })
 	t.Run("ResizeUnderIO", func(t *testing.T) { testResizeUnderIO(t, f) })
+	t.Run("BlockDevice", func(t *testing.T) { testBlockDevice(t, f) })
+}
+
+// testBlockDevice: a block device (a loop device over a file) refuses
+// Resize, saying why, and Rescan picks up the size its owner gave it
+// (losetup -c after the file grew). Needs root and losetup(8).
+func testBlockDevice(t *testing.T, f Factory) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for a loop device")
+	}
+	if _, err := exec.LookPath("losetup"); err != nil {
+		t.Skip("no losetup")
+	}
+	path := DirectDir(t) + "/loop.img"
+	if err := os.WriteFile(path, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(path, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("losetup", "--find", "--show", path).Output()
+	if err != nil {
+		t.Skipf("losetup: %v", err)
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
+	d, err := f(kio.Options{Name: "blk", Path: dev, BlockSize: 512}, 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	err = d.(bdev.Resizer).Resize(2 << 20)
+	if err == nil || !strings.Contains(err.Error(), "block device") {
+		t.Errorf("Resize of a block device: %v, want a refusal naming the block device", err)
+	}
+	ch := Open(t, d)
+	if err := os.Truncate(path, 3<<20); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("losetup", "-c", dev).CombinedOutput(); err != nil {
+		t.Skipf("losetup -c %s: %v %s", dev, err, out)
+	}
+	changed, err := d.(bdev.Rescanner).Rescan()
+	if err != nil || !changed || d.Info().NumBlocks != 3<<20/512 {
+		t.Fatalf("rescan of a grown block device: changed %v, err %v, %d blocks", changed, err, d.Info().NumBlocks)
+	}
+	buf := Mem(t, 4096)
+	if err := Do(t, ch, &bdev.IO{Op: bdev.OpRead, Offset: 3<<20 - 4096, Len: 4096, Iov: [][]byte{buf}}); err != nil {
+		t.Errorf("read of the grown part: %v", err)
+	}
 }
 
 func fileSize(t testing.TB, path string) int64 {
