@@ -160,7 +160,7 @@ func (c *Controller) AddLUN(spec LUNSpec) error {
 	}
 	c.Stats.resetLUN(slot)
 	c.table.Store(next)
-	c.log.Info("LUN added", "target", spec.Target, "lun", spec.LUN, "bdev", spec.Bdev.Info().Name)
+	c.log.Debug("LUN added", "target", spec.Target, "lun", spec.LUN, "bdev", spec.Bdev.Info().Name)
 	for _, s := range c.sessionList() {
 		s.clearUA(slot)
 		for _, o := range refs {
@@ -218,7 +218,7 @@ func (c *Controller) RemoveLUN(target uint8, lun uint16) error {
 	}
 	c.Stats.resetLUN(gone.slot)
 	c.slotUsed[gone.slot] = false
-	c.log.Info("LUN removed", "target", target, "lun", lun, "bdev", gone.bdev.Info().Name)
+	c.log.Debug("LUN removed", "target", target, "lun", lun, "bdev", gone.bdev.Info().Name)
 	for _, s := range c.sessionList() {
 		s.clearUA(gone.slot)
 		for _, o := range rest {
@@ -271,7 +271,7 @@ func (c *Controller) CapacityChanged(b bdev.Bdev) error {
 	}
 	c.table.Store(next)
 	info := b.Info()
-	c.log.Info("LUN capacity changed", "bdev", info.Name, "blocks", info.NumBlocks, "block_size", info.BlockSize, "luns", len(hit))
+	c.log.Debug("LUN capacity changed", "bdev", info.Name, "blocks", info.NumBlocks, "block_size", info.BlockSize, "luns", len(hit))
 	for _, s := range c.sessionList() {
 		for _, h := range hit {
 			s.raiseUA(h.slot, scsi.UACapacityChanged)
