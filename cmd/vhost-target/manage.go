@@ -171,7 +171,11 @@ func (t *target) resizeBdevLocked(name string, size uint64, source string) error
 	}
 	next := t.cfg.Clone()
 	nb := next.Bdev(name)
-	if nb.Size != 0 || b.Type == config.TypeMalloc {
+	old := d.Info().NumBlocks * uint64(d.Info().BlockSize)
+	// A size given in the configuration follows the resize; "the backing
+	// file's size" (0) stays so after a grow (the file grew), but a shrink
+	// leaves the file as it was, so the served size must be recorded.
+	if nb.Size != 0 || b.Type == config.TypeMalloc || size < old {
 		nb.Size = size
 	}
 	if err := validate(next, source); err != nil {
@@ -180,10 +184,9 @@ func (t *target) resizeBdevLocked(name string, size uint64, source string) error
 	if size%uint64(d.Info().BlockSize) != 0 {
 		return errf(codeInvalidParams, "bdev %q: new size %d is not a multiple of the block size %d", name, size, d.Info().BlockSize)
 	}
-	old := d.Info().NumBlocks * uint64(d.Info().BlockSize)
 	if err := r.Resize(size); err != nil {
 		code := errnoCode(err)
-		if size < old {
+		if errors.Is(err, bdev.ErrInUse) {
 			code = codeEBUSY // a shrink is refused while the bdev is open
 		}
 		return errf(code, "bdev %q: resize: %v", name, err)

@@ -519,4 +519,9 @@ func TestRPCResizeRescan(t *testing.T) {
 	if b := call[[]bdevJSON](t, c, "bdev_get_bdevs", m{"name": "r0"}); b[0].NumBlocks != 2048 {
 		t.Errorf("after shrinking an unused bdev: %d blocks", b[0].NumBlocks)
 	}
+	// The file keeps its bytes; the running configuration records the
+	// served size, so save_config (and a restart from it) serves 1 MiB.
+	if cfg := tg.runningConfig(); cfg.Bdev("r0").Size != 1<<20 {
+		t.Errorf("running config size after a shrink: %d", cfg.Bdev("r0").Size)
+	}
 }
