@@ -26,6 +26,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // testMethods registers the methods the tests call.
@@ -537,7 +539,12 @@ func TestStalledClient(t *testing.T) {
 	}
 	// The stalled connection was closed: reading it drains the replies
 	// written before the timeout and then ends (in a reset, as the server
-	// closed with requests unread).
+	// closed with requests unread). Nothing is read before the server has
+	// closed it: on a loaded machine the server may not have filled the
+	// socket buffer yet, and a reader would keep it from ever stalling.
+	if !peerClosed(stalled.conn, 10*time.Second) {
+		t.Fatal("the server did not close a connection whose replies went unread")
+	}
 	stalled.conn.SetReadDeadline(time.Now().Add(10 * time.Second))
 	n, err := io.Copy(io.Discard, stalled.conn)
 	if err != nil && !errors.Is(err, syscall.ECONNRESET) {
@@ -652,4 +659,24 @@ func TestRegisterMisuse(t *testing.T) {
 		}
 	}()
 	s.Register("a", func(context.Context, json.RawMessage) (any, error) { return nil, nil })
+}
+
+// peerClosed waits up to d for the other end of conn to close (POLLRDHUP),
+// without reading from it.
+func peerClosed(conn net.Conn, d time.Duration) bool {
+	raw, err := conn.(*net.UnixConn).SyscallConn()
+	if err != nil {
+		return false
+	}
+	gone := false
+	deadline := time.Now().Add(d)
+	for !gone && time.Now().Before(deadline) {
+		raw.Control(func(fd uintptr) {
+			fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
+			if n, err := unix.Poll(fds, 100); err == nil && n == 1 {
+				gone = fds[0].Revents&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR) != 0
+			}
+		})
+	}
+	return gone
 }
