@@ -8,14 +8,12 @@
 package guest
 
 import (
-	"bufio"
 	"context"
 	"crypto/sha256"
 	_ "embed"
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -88,35 +86,13 @@ func Build(ctx context.Context, logf func(string, ...any)) (*Image, error) {
 	if os.Geteuid() != 0 {
 		return nil, ErrNeedRoot
 	}
-	script := filepath.Join(dir, "build-image.sh")
-	if err := os.WriteFile(script, buildScript, 0o755); err != nil {
-		return nil, fmt.Errorf("guest: writing build script: %w", err)
-	}
 	logf("guest: building image in %s (cold build takes a few minutes)", dir)
-	start := time.Now()
-	cmd := exec.CommandContext(ctx, "bash", script, dir)
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		return nil, fmt.Errorf("guest: build pipe: %w", err)
-	}
-	cmd.Stderr = cmd.Stdout.(io.Writer)
-	var tail lineTail
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("guest: starting build-image.sh: %w", err)
-	}
-	sc := bufio.NewScanner(out)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		logf("%s", sc.Text())
-		tail.add(sc.Text())
-	}
-	if err := cmd.Wait(); err != nil {
-		return nil, fmt.Errorf("guest: build-image.sh %s: %w\n%s", dir, err, tail.String())
+	if err := runScript(ctx, dir, "build-image.sh", buildScript, logf); err != nil {
+		return nil, err
 	}
 	if !cached(dir) {
 		return nil, fmt.Errorf("guest: build-image.sh finished but %s holds no current image", dir)
 	}
-	logf("guest: image built in %s", time.Since(start).Round(time.Second))
 	return img, nil
 }
 

@@ -29,11 +29,22 @@ type Controller struct {
 	Socket    string
 	NumQueues int    // request queues; 0 leaves QEMU's default (1)
 	Extra     string // extra -device properties, e.g. "virtqueue_size=256,bootindex=1"
+	// Reconnect > 0 adds reconnect-ms to the socket chardev (QEMU 9.2 and
+	// later; QEMU 7.2 refuses the option): QEMU is then a client that
+	// retries the socket every Reconnect while it is down. At start QEMU
+	// waits for the socket instead of exiting (it prints "Failed to connect"
+	// once and retries until Options.Timeout), and from QEMU 8.2 a
+	// vhost-user-scsi device whose back-end closes the socket is stopped and
+	// started again on the next connection.
+	Reconnect time.Duration
 }
 
 // Options describe one guest run.
 type Options struct {
-	Image       *Image
+	Image *Image
+	// QEMU to run; nil is the system's qemu-system-x86_64 (Debian 12: 7.2).
+	// QEMU10 returns the one from bookworm-backports.
+	QEMU        *QEMU
 	Controllers []Controller
 	MemoryMiB   int // default 512
 	CPUs        int // default 1
@@ -117,7 +128,10 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 
 	ctx, cancel := context.WithTimeout(ctx, o.Timeout)
 	defer cancel()
-	cmd := exec.Command(qemuBinary, args...)
+	cmd := exec.Command(o.QEMU.binary(), args...)
+	if o.QEMU != nil && len(o.QEMU.Env) > 0 {
+		cmd.Env = append(os.Environ(), o.QEMU.Env...)
+	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	outR, outW, err := os.Pipe()
 	if err != nil {
@@ -135,7 +149,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	outW.Close()
 	inR.Close()
 	if err != nil {
-		return nil, fmt.Errorf("guest: starting %s: %w", qemuBinary, err)
+		return nil, fmt.Errorf("guest: starting %s: %w", o.QEMU.binary(), err)
 	}
 
 	con := &console{token: token, maxBoots: o.Boots, live: o.Console, stdin: inW,
@@ -186,8 +200,8 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if runErr == nil {
 		runErr = errors.New("guest: no result")
 	}
-	return res, fmt.Errorf("%w\nqemu %s\n--- last console lines ---\n%s", runErr,
-		strings.Join(args, " "), con.tail.String())
+	return res, fmt.Errorf("%w\n%s %s\n--- last console lines ---\n%s", runErr,
+		o.QEMU.binary(), strings.Join(args, " "), con.tail.String())
 }
 
 // qemuArgs builds QEMU's command line. Guest RAM is a shared memfd because
@@ -203,6 +217,11 @@ func qemuArgs(o Options, initrd, token string) []string {
 		"-machine", "pc,memory-backend=mem",
 		"-smp", strconv.Itoa(o.CPUs),
 	}
+	if o.QEMU != nil {
+		for _, d := range o.QEMU.DataDirs {
+			a = append(a, "-L", d)
+		}
+	}
 	if realKVM() {
 		a = append(a, "-accel", "kvm", "-cpu", "max")
 	} else {
@@ -215,7 +234,11 @@ func qemuArgs(o Options, initrd, token string) []string {
 		a = append(a, "-boot", "strict=on")
 	}
 	for i, c := range o.Controllers {
-		a = append(a, "-chardev", fmt.Sprintf("socket,id=vhost%d,path=%s", i, c.Socket))
+		chr := fmt.Sprintf("socket,id=vhost%d,path=%s", i, c.Socket)
+		if c.Reconnect > 0 {
+			chr += fmt.Sprintf(",reconnect-ms=%d", max(c.Reconnect.Milliseconds(), 1))
+		}
+		a = append(a, "-chardev", chr)
 		dev := fmt.Sprintf("vhost-user-scsi-pci,id=scsi%d,chardev=vhost%d", i, i)
 		if c.NumQueues > 0 {
 			dev += ",num_queues=" + strconv.Itoa(c.NumQueues)
