@@ -57,6 +57,18 @@ func TestBodySize(t *testing.T) {
 			t.Errorf("SET_MEM_TABLE of %d regions in %d bytes: body %d %v, want %d %v", c.n, c.size, n, ok, c.want, c.ok)
 		}
 	}
+	// GET/SET_INFLIGHT_FD: QEMU's 24 bytes, or the 20 bytes of fields; nothing between.
+	for _, req := range []proto.Request{proto.GetInflightFD, proto.SetInflightFD} {
+		if n, ok := proto.BodySize(&proto.Msg{Header: proto.Header{Request: req}}); n != proto.InflightWireSize || !ok {
+			t.Errorf("%v: body size %d %v", req, n, ok)
+		}
+		for size := 0; size <= 32; size++ {
+			_, err := proto.DecodeInflight(&proto.Msg{Header: proto.Header{Request: req}, Payload: make([]byte, size)})
+			if want := size == 20 || size == 24; (err == nil) != want {
+				t.Errorf("%v of %d bytes: %v", req, size, err)
+			}
+		}
+	}
 	// A table of 0 regions without fds decodes to no regions.
 	if regs, err := proto.DecodeMemTable(table(0, 8)); err != nil || len(regs) != 0 {
 		t.Errorf("empty memory table: %v %v", regs, err)

@@ -94,6 +94,17 @@ func checkDecoders(t *testing.T, req proto.Request, p []byte, nfds int) {
 	} else if len(p) >= proto.MemoryHeaderSize && !errors.Is(err, proto.ErrPayloadSize) && !errors.Is(err, proto.ErrRegionCount) {
 		t.Fatalf("memory table error of unknown kind: %v", err)
 	}
+	if f, err := proto.DecodeInflight(m); err == nil {
+		if len(p) != proto.InflightSize && len(p) != proto.InflightWireSize {
+			t.Fatalf("inflight description from %d bytes", len(p))
+		}
+		// The encoder writes QEMU's 24 bytes with zero padding: the fields must match.
+		if e := f.Encode(); !bytes.Equal(e[:proto.InflightSize], p[:proto.InflightSize]) {
+			t.Fatalf("inflight %+v from %x does not round-trip", f, p)
+		}
+	} else if len(p) == proto.InflightSize || len(p) == proto.InflightWireSize || !errors.Is(err, proto.ErrPayloadSize) {
+		t.Fatalf("inflight description of %d bytes: %v", len(p), err)
+	}
 	if c, data, err := proto.DecodeConfig(m); err == nil {
 		if int(c.Size) != len(data) || c.Size > proto.ConfigMaxSize || len(p) != proto.ConfigHeaderSize+len(data) {
 			t.Fatalf("config %+v with %d data bytes from %d-byte payload", c, len(data), len(p))
@@ -215,6 +226,7 @@ func protoSeeds() map[string][]byte {
 		"add-mem-reg":   seed(proto.AddMemReg, 1, proto.EncodeSingleRegion(regs[1])),
 		"get-config":    seed(proto.GetConfig, 0, cfg),
 		"kick-nofd":     seed(proto.SetVringKick, 0, proto.PutU64(2|proto.VringNoFDBit)),
+		"set-inflight":  seed(proto.SetInflightFD, 1, proto.Inflight{MmapSize: 3 * 2112, NumQueues: 3, QueueSize: 128}.Encode()),
 		"two-messages":  append(append(append([]byte{}, hdr...), proto.PutU64(1)...), hdr...),
 	}
 }

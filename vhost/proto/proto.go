@@ -127,7 +127,8 @@ const (
 	MemRegionSize         = 32
 	ConfigHeaderSize      = 12
 	ConfigMaxSize         = 256
-	InflightSize          = 20
+	InflightSize          = 20 // GET/SET_INFLIGHT_FD fields without the C struct's tail padding
+	InflightWireSize      = 24 // sizeof(VhostUserInflight) as QEMU sends and expects it
 	SingleMemRegionSize   = 8 + MemRegionSize
 	MemoryHeaderSize      = 8
 	U64Size               = 8
@@ -356,6 +357,8 @@ func BodySize(m *Msg) (int, bool) {
 		return VringAddrSize, true
 	case AddMemReg, RemMemReg:
 		return SingleMemRegionSize, true
+	case GetInflightFD, SetInflightFD:
+		return InflightWireSize, true
 	case SetMemTable:
 		if len(m.Payload) < MemoryHeaderSize {
 			return 0, false
@@ -532,4 +535,36 @@ func DecodeConfig(m *Msg) (Config, []byte, error) {
 		return c, nil, sizeErr(m.Request, len(m.Payload), ConfigHeaderSize+int(c.Size))
 	}
 	return c, data, nil
+}
+
+// Inflight is the GET_INFLIGHT_FD / SET_INFLIGHT_FD payload (vhost-user.rst
+// "Inflight description"): the shared region's size and offset in its fd, and
+// the queue count and size it was laid out for.
+type Inflight struct {
+	MmapSize, MmapOffset uint64
+	NumQueues, QueueSize uint16
+}
+
+// DecodeInflight decodes an inflight description. QEMU sends and expects
+// sizeof(VhostUserInflight), 24 bytes with the struct's tail padding; the 20
+// bytes of fields alone are accepted too, as for a packed struct.
+func DecodeInflight(m *Msg) (Inflight, error) {
+	if len(m.Payload) != InflightSize && len(m.Payload) != InflightWireSize {
+		return Inflight{}, sizeErr(m.Request, len(m.Payload), InflightWireSize)
+	}
+	p := m.Payload
+	return Inflight{
+		MmapSize: binary.LittleEndian.Uint64(p), MmapOffset: binary.LittleEndian.Uint64(p[8:]),
+		NumQueues: binary.LittleEndian.Uint16(p[16:]), QueueSize: binary.LittleEndian.Uint16(p[18:]),
+	}, nil
+}
+
+// Encode encodes an inflight description in QEMU's 24 bytes (padding zero).
+func (f Inflight) Encode() []byte {
+	b := make([]byte, InflightWireSize)
+	binary.LittleEndian.PutUint64(b, f.MmapSize)
+	binary.LittleEndian.PutUint64(b[8:], f.MmapOffset)
+	binary.LittleEndian.PutUint16(b[16:], f.NumQueues)
+	binary.LittleEndian.PutUint16(b[18:], f.QueueSize)
+	return b
 }
