@@ -37,11 +37,23 @@ FUZZ_TARGETS := FuzzExecute:./scsi FuzzPop:./vhost/virtq FuzzParse:./config Fuzz
 	FuzzMessages:./vhost FuzzRequest:./vhost FuzzServer:./rpc
 
 # fuzz-run TIME: fuzz each target for TIME (minimization bounded so a new
-# input cannot stall a short run).
+# input cannot stall a short run). Go 1.26's fuzz coordinator can fail a
+# duration-bounded run with a bare "context deadline exceeded" at the
+# -fuzztime boundary on a loaded machine (go.dev/issue/75804, fixed in Go
+# 1.27): such a run, which wrote no failing input, is reported and passed;
+# any other failure fails the target.
 define fuzz-run
 	@set -e; for t in $(FUZZ_TARGETS); do \
 		echo "fuzz $${t%%:*} for $(1)"; \
-		$(GO) test -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime $(1) -fuzzminimizetime 2s "$${t#*:}"; \
+		out=$$(mktemp); rc=0; \
+		$(GO) test -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime $(1) -fuzzminimizetime 2s "$${t#*:}" >$$out 2>&1 || rc=$$?; \
+		cat $$out; \
+		if [ $$rc -ne 0 ]; then \
+			if grep -q 'context deadline exceeded' $$out && ! grep -q 'Failing input written' $$out; then \
+				echo "fuzz $${t%%:*}: go.dev/issue/75804 (coordinator deadline race, no failing input): not a failure"; \
+			else rm -f $$out; exit 1; fi; \
+		fi; \
+		rm -f $$out; \
 	done
 endef
 
