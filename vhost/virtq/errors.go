@@ -22,6 +22,9 @@ var (
 	// ErrHostAlign: a ring's host address is not 4-byte aligned even though its UVA is (region mmap_offset and
 	// UVA disagree modulo 4), so atomic access is impossible.
 	ErrHostAlign = errors.New("virtq: ring host address misaligned")
+	// ErrInflightRegion: the inflight region given for the ring (SET_INFLIGHT_FD) is too small for its size or
+	// not 8-byte aligned.
+	ErrInflightRegion = errors.New("virtq: inflight region too small or misaligned")
 )
 
 // Errors that mean the ring itself is broken: Pop returns them (not wrapped in ChainError) and keeps returning

@@ -61,6 +61,10 @@ type Config struct {
 	LastAvail                  uint16 // SET_VRING_BASE: next avail index to process
 	EventIdx                   bool   // VIRTIO_RING_F_EVENT_IDX negotiated
 	Indirect                   bool   // VIRTIO_RING_F_INDIRECT_DESC negotiated
+	// Inflight, when not nil, is this ring's region of the inflight I/O tracking area (inflight.go): every
+	// head taken is marked in it and cleared when published, and New recovers from it, replacing LastAvail
+	// with the ring's used index plus the heads still in flight, which Pop returns first.
+	Inflight []byte
 }
 
 // Queue is the device side of one split virtqueue.
@@ -77,6 +81,8 @@ type Queue struct {
 	lastAvail   uint16 // next avail index to process
 	shadowAvail uint16 // avail->idx as last loaded; lastAvail ≤ shadowAvail (mod 2^16) ≤ lastAvail+size
 	broken      error  // sticky ring-level error
+
+	inf *inflight // inflight I/O tracking (INFLIGHT_SHMFD); nil when not negotiated
 
 	usedIdx   uint16 // used->idx as last stored
 	usedFlags uint16 // used->flags as last stored (the device owns both halves of that word)
@@ -132,6 +138,11 @@ func New(mem *guestmem.Table, c Config) (*Queue, error) {
 		return nil, ErrHostAlign
 	}
 	q.usedFlags, q.usedIdx = q.loadUsedWord()
+	if c.Inflight != nil {
+		if err := q.setInflight(c.Inflight); err != nil {
+			return nil, err
+		}
+	}
 	q.shadowAvail = q.lastAvail
 	return q, nil
 }
@@ -211,6 +222,9 @@ func (q *Queue) refreshAvail() {
 // HasAvail reports whether a chain is waiting (it loads avail->idx when everything seen so far is consumed).
 // It also reports true once the ring is broken, so that the caller's Pop surfaces the error.
 func (q *Queue) HasAvail() bool {
+	if q.inf != nil && q.inf.resubmitNext < len(q.inf.resubmit) && q.broken == nil {
+		return true
+	}
 	if q.broken == nil && q.lastAvail == q.shadowAvail {
 		q.refreshAvail()
 	}
@@ -224,6 +238,9 @@ func (q *Queue) HasAvail() bool {
 func (q *Queue) Pop(c *Chain) (ok bool, err error) {
 	if q.broken != nil {
 		return false, q.broken
+	}
+	if q.inf != nil && q.inf.resubmitNext < len(q.inf.resubmit) {
+		return q.popResubmit(c) // recovered heads first, in the order they were first taken
 	}
 	if q.lastAvail == q.shadowAvail {
 		q.refreshAvail()
@@ -242,6 +259,11 @@ func (q *Queue) Pop(c *Chain) (ok bool, err error) {
 		return false, q.broken
 	}
 	q.lastAvail++
+	if q.inf != nil {
+		// Marked before the chain is walked: a malformed chain is taken too, and completed with length 0.
+		q.inf.storeCounter(head)
+		q.inf.storeTaken(head)
+	}
 	if err := q.walk(c, head); err != nil {
 		return false, err
 	}
@@ -265,14 +287,24 @@ func (q *Queue) Push(head uint16, written uint32) {
 	binary.LittleEndian.PutUint32(q.used[off:], uint32(head))
 	binary.LittleEndian.PutUint32(q.used[off+4:], written)
 	q.pending++
+	if q.inf != nil {
+		q.inf.storeNext(head)
+		q.inf.storeBatchHead(head)
+	}
 }
 
-// flush stores used->idx after the pending elements (release: the atomic store orders the plain stores).
+// flush stores used->idx after the pending elements (release: the atomic store orders the plain stores), then,
+// with inflight tracking, clears the batch's flags and records used_idx (inflight.go has the order).
 func (q *Queue) flush() {
+	n := q.pending
 	q.usedIdx += q.pending
 	q.sinceSignal += uint32(q.pending)
 	q.pending = 0
 	q.storeUsedWord()
+	if q.inf != nil {
+		q.inf.clearBatch(int(n), int(n), q.mask)
+		q.inf.storeUsedIdx(q.usedIdx)
+	}
 }
 
 // Publish makes the pushed elements visible with one used->idx store and reports whether the driver must be

@@ -644,10 +644,22 @@ func TestUsedIdxContinuesFromGuest(t *testing.T) {
 // setupCycle returns a function that re-exposes one chain (a header, then an indirect table of data, a data
 // buffer split across regions, and a response) and runs Pop, Push, Publish and a notification toggle.
 func setupCycle(t testing.TB, eventIdx bool) (func(), *virtq.Chain) {
+	return setupCycleWith(t, eventIdx, false)
+}
+
+// setupCycleWith is setupCycle, with inflight tracking when inflight is set.
+func setupCycleWith(t testing.TB, eventIdx, inflight bool) (func(), *virtq.Chain) {
 	d := vt.New(256, 1<<20)
 	d.Features.EventIdx = eventIdx
 	d.Features.Indirect = true
-	q := newQueue(t, d)
+	cfg := d.Config()
+	if inflight {
+		cfg.Inflight = newRegion(256)
+	}
+	q, err := virtq.New(d.Table, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
 	head := d.AddIndirect([]vt.Desc{{Addr: d.Alloc(51, 0), Len: 51}},
 		[]vt.Desc{{Addr: d.Alloc(4096, 0), Len: 4096}, {Addr: d.Boundary - 2048, Len: 4096},
 			{Addr: d.Alloc(108, 0), Len: 108, Flags: vt.FWrite}})
@@ -670,13 +682,23 @@ func setupCycle(t testing.TB, eventIdx bool) (func(), *virtq.Chain) {
 
 func TestNoAllocs(t *testing.T) {
 	for _, ev := range []bool{false, true} {
-		cycle, c := setupCycle(t, ev)
-		if n := testing.AllocsPerRun(1000, cycle); n != 0 {
-			t.Fatalf("eventIdx=%v: Pop/Push/Publish allocate %v per run", ev, n)
+		for _, inflight := range []bool{false, true} {
+			cycle, c := setupCycleWith(t, ev, inflight)
+			if n := testing.AllocsPerRun(1000, cycle); n != 0 {
+				t.Fatalf("eventIdx=%v inflight=%v: Pop/Push/Publish allocate %v per run", ev, inflight, n)
+			}
+			if c.NRead != 4 || c.NWrite != 1 {
+				t.Fatalf("chain %+v", c)
+			}
 		}
-		if c.NRead != 4 || c.NWrite != 1 {
-			t.Fatalf("chain %+v", c)
-		}
+	}
+}
+
+func BenchmarkPopPushInflight(b *testing.B) {
+	cycle, _ := setupCycleWith(b, true, true)
+	b.ReportAllocs()
+	for b.Loop() {
+		cycle()
 	}
 }
 
