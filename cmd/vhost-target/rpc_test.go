@@ -225,6 +225,14 @@ func TestRPCMethods(t *testing.T) {
 	if fi, err := os.Stat(filepath.Join(dir, "f.img")); err != nil || fi.Size() != 3<<20 {
 		t.Errorf("backing file after resize: %v %v", fi, err)
 	}
+	if err := os.Truncate(filepath.Join(dir, "f.img"), 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	call[bool](t, c, "bdev_file_rescan", m{"name": "f0"})
+	if b := call[[]bdevJSON](t, c, "bdev_get_bdevs", m{"name": "f0"}); b[0].NumBlocks != 4<<20/512 {
+		t.Errorf("after growing f.img and bdev_file_rescan: %d blocks", b[0].NumBlocks)
+	}
+	callErr(t, c, "bdev_file_rescan", m{"name": "Malloc0"}, -19, `bdev "Malloc0" does not exist`)
 	callErr(t, c, "bdev_resize", m{"name": "nope", "new_size": 3}, -19, `bdev "nope" does not exist`)
 	callErr(t, c, "bdev_resize", m{"name": "f0"}, -32602, "new_size: required")
 
@@ -235,6 +243,12 @@ func TestRPCMethods(t *testing.T) {
 	}
 	dev.Close()
 	callErr(t, c, "vhost_delete_controller", m{"ctrlr": "c1"}, -19, `controller "c1" does not exist`)
+	callErr(t, c, "bdev_file_delete", m{"name": "Malloc0"}, -19, `bdev "Malloc0" does not exist`) // not a file bdev
+	call[bool](t, c, "bdev_file_delete", m{"name": "f0"})
+	call[bool](t, c, "bdev_malloc_delete", m{"name": "Malloc0"})
+	if b := call[[]bdevJSON](t, c, "bdev_get_bdevs", nil); len(b) != 1 || b[0].Name != "m0" {
+		t.Errorf("bdevs left: %+v", b)
+	}
 	callErr(t, c, "no_such_method", nil, -32601, "")
 }
 
