@@ -5,6 +5,21 @@
 // The guest image (Debian kernel + busybox initramfs) is built once by the
 // embedded build-image.sh and cached; each Run appends a small cpio archive
 // holding the test's script, so no per-test files are needed on disk.
+//
+// Guests run under the system's QEMU (Debian 12: 7.2) unless Options.QEMU
+// names another. QEMU10 provides Debian's QEMU 10 from bookworm-backports,
+// the first QEMU here that reconnects a vhost-user-scsi device to a
+// restarted back-end (8.2 and later can): the embedded get-qemu10.sh takes
+// qemu-system-x86, qemu-system-common, qemu-system-data and seabios (QEMU 10
+// wants SeaBIOS > 1.16.3-1~, bookworm has 1.16.2) with apt-get download on a
+// private sources list and list directory, unpacks them with dpkg-deb into
+// <cache>/qemu10/root and never installs them, so 7.2 stays the default.
+// Runs pass -L for the unpacked firmware and QEMU_MODULE_DIR for its
+// modules; the libraries are bookworm's, the ones 7.2 already pulled in.
+// Controller.Reconnect sets the chardev's reconnect-ms: QEMU 10 then waits
+// for a socket that is not there yet instead of exiting, and after the
+// target closes the socket it stops the device and starts it again on the
+// next connection.
 package guest
 
 import (
