@@ -217,6 +217,37 @@ func TestQEMUArgs(t *testing.T) {
 	}
 }
 
+// TestQEMUArgsOtherQEMU: a QEMU with data dirs gets -L for each, before
+// the devices; Reconnect becomes reconnect-ms on that controller only.
+func TestQEMUArgsOtherQEMU(t *testing.T) {
+	t.Setenv("VHOST_TARGET_GUEST_ACCEL", "tcg")
+	o := Options{
+		Image: &Image{Kernel: "/k", Initramfs: "/i"},
+		QEMU:  &QEMU{Binary: "/q/bin/qemu-system-x86_64", DataDirs: []string{"/q/share/qemu", "/q/share/seabios"}},
+		Controllers: []Controller{{Socket: "/run/a.sock", Reconnect: 250 * time.Millisecond},
+			{Socket: "/run/b.sock", Reconnect: time.Microsecond}, {Socket: "/run/c.sock"}},
+		Boots: 1,
+	}
+	got := strings.Join(qemuArgs(o, "/tmp/initrd", "tok"), " ")
+	for _, want := range []string{
+		"-L /q/share/qemu -L /q/share/seabios -accel",
+		"-chardev socket,id=vhost0,path=/run/a.sock,reconnect-ms=250 -device",
+		"-chardev socket,id=vhost1,path=/run/b.sock,reconnect-ms=1 -device",
+		"-chardev socket,id=vhost2,path=/run/c.sock -device",
+	} {
+		if !strings.Contains(got, want) {
+			t.Errorf("args lack %q:\n%s", want, got)
+		}
+	}
+	if o.QEMU.binary() != "/q/bin/qemu-system-x86_64" || (*QEMU)(nil).binary() != qemuBinary {
+		t.Errorf("binary: %q, nil: %q", o.QEMU.binary(), (*QEMU)(nil).binary())
+	}
+	o.QEMU = nil
+	if got := strings.Join(qemuArgs(o, "/tmp/initrd", "tok"), " "); strings.Contains(got, " -L ") {
+		t.Errorf("system QEMU got -L: %s", got)
+	}
+}
+
 func TestCacheDir(t *testing.T) {
 	t.Setenv("VHOST_TARGET_GUEST_CACHE", "/some/where")
 	if d := CacheDir(); d != "/some/where" {
