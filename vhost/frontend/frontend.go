@@ -83,6 +83,12 @@ type Options struct {
 	ScratchSize  int           // Do buffer arena per request queue (default 2 MiB)
 	EventBuffers int           // event-queue buffers kept posted (default 8)
 	VringBase    uint16        // first avail/used index (tests wrap-around)
+
+	// Inflight acks PROTOCOL_F_INFLIGHT_SHMFD when offered and plays QEMU
+	// 8.2+'s vhost-user-scsi start: GET_INFLIGHT_FD once (the area is kept
+	// for the device's life), SET_INFLIGHT_FD before SET_FEATURES at every
+	// start. Reconnect hands the area to the next back-end.
+	Inflight bool
 }
 
 const defaultProtocolMask = 1<<proto.PFMQ | 1<<proto.PFReplyAck | 1<<proto.PFResetDevice
@@ -141,6 +147,9 @@ func (o *Options) fill() error {
 	if o.ProtocolMask == 0 {
 		o.ProtocolMask = defaultProtocolMask
 	}
+	if o.Inflight {
+		o.ProtocolMask |= 1 << proto.PFInflightShmFD
+	}
 	if o.Timeout == 0 {
 		o.Timeout = 10 * time.Second
 	}
@@ -187,6 +196,11 @@ type Device struct {
 
 	uaMu sync.Mutex
 	uas  []UnitAttention // absorbed by Do (Options.RetryUnitAttention)
+
+	// The inflight area (Options.Inflight): the description and fd the
+	// back-end's GET_INFLIGHT_FD answered, kept across Reconnect; -1 none.
+	inflight   proto.Inflight
+	inflightFD int
 }
 
 // NewUnstarted connects and builds guest memory and rings but sends nothing:
@@ -196,7 +210,7 @@ func NewUnstarted(socket string, o Options) (*Device, error) {
 	if err := o.fill(); err != nil {
 		return nil, err
 	}
-	d := &Device{o: o}
+	d := &Device{o: o, inflightFD: -1}
 	if err := d.layout(); err != nil {
 		return nil, err
 	}
@@ -646,6 +660,22 @@ func (d *Device) Start() error {
 	if d.o.Peer == PeerSPDK {
 		return d.startSPDK()
 	}
+	return d.start(true)
+}
+
+func (d *Device) start(postEvents bool) error {
+	if d.o.Inflight && d.hasPF(proto.PFInflightShmFD) {
+		// vhost_scsi_common_start: the area is asked for once, then handed
+		// over before vhost_dev_start at every start.
+		if d.inflightFD < 0 {
+			if err := d.GetInflightFD(); err != nil {
+				return err
+			}
+		}
+		if err := d.SetInflightFD(); err != nil {
+			return err
+		}
+	}
 	if err := d.SetFeatures(d.chooseFeatures()); err != nil {
 		return err
 	}
@@ -668,10 +698,95 @@ func (d *Device) Start() error {
 			return err
 		}
 	}
-	if d.vrings[EventVring].started {
+	if postEvents && d.vrings[EventVring].started {
 		return d.PostEvents()
 	}
 	return nil
+}
+
+// GetInflightFD asks the back-end for an inflight area for every vring at
+// the queue size (QEMU: vhost_dev_get_inflight with virtqueue_size) and keeps
+// its fd and description.
+func (d *Device) GetInflightFD() error {
+	req := proto.Inflight{NumQueues: uint16(len(d.vrings)), QueueSize: d.o.QueueSize}
+	if err := d.Send(proto.GetInflightFD, proto.FlagVersion, req.Encode()); err != nil {
+		return err
+	}
+	m, err := d.Recv()
+	if err != nil {
+		return err
+	}
+	defer m.CloseFDs()
+	if m.Request != proto.GetInflightFD || m.Flags&proto.FlagReply == 0 || len(m.Payload) != proto.InflightWireSize {
+		return fmt.Errorf("frontend: GET_INFLIGHT_FD answered by %v flags %#x, %d bytes", m.Request, m.Flags, len(m.Payload))
+	}
+	f, err := proto.DecodeInflight(m)
+	if err != nil {
+		return err
+	}
+	if len(m.FDs) != 1 || f.MmapSize == 0 || f.NumQueues != req.NumQueues || f.QueueSize != req.QueueSize {
+		return fmt.Errorf("frontend: GET_INFLIGHT_FD reply %+v with %d fds", f, len(m.FDs))
+	}
+	if d.inflightFD >= 0 {
+		unix.Close(d.inflightFD)
+	}
+	d.inflight, d.inflightFD = f, m.FDs[0]
+	m.FDs[0] = -1
+	return nil
+}
+
+// SetInflightFD hands the kept inflight area to the back-end.
+func (d *Device) SetInflightFD() error {
+	return d.Message(proto.SetInflightFD, false, d.inflight.Encode(), d.inflightFD)
+}
+
+// InflightFD returns the inflight area's fd and description (fd -1: none).
+func (d *Device) InflightFD() (int, proto.Inflight) { return d.inflightFD, d.inflight }
+
+// Reconnect is QEMU's reconnect to a back-end that died (vhost-user-scsi
+// since 8.2, -chardev reconnect=N): the old connection is dropped; guest
+// memory, the rings with every request in flight, and the inflight area are
+// kept. On a new connection to socket it negotiates as at Dial, hands the
+// area over (SET_INFLIGHT_FD) and restarts every started vring at
+// SET_VRING_BASE = its used index, as QEMU does when GET_VRING_BASE failed
+// (vhost_virtqueue_stop → virtio_queue_restore_last_avail_idx). Event
+// buffers are not posted again: those the old back-end did not use are still
+// in the ring. Only for PeerQEMU.
+func (d *Device) Reconnect(socket string) error {
+	if d.closed || d.o.Peer != PeerQEMU {
+		return fmt.Errorf("frontend: Reconnect on a closed device or a non-QEMU peer")
+	}
+	d.conn.Close()
+	var restart []int
+	for i, q := range d.vrings {
+		q.mu.Lock()
+		if q.kickFD >= 0 {
+			unix.Close(q.kickFD)
+			q.kickFD = -1
+		}
+		if q.callFD >= 0 {
+			unix.Close(q.callFD)
+			q.callFD = -1
+		}
+		if q.started {
+			q.base = q.UsedIdx()
+			restart = append(restart, i)
+		}
+		q.started = false
+		q.mu.Unlock()
+	}
+	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: socket, Net: "unix"})
+	if err != nil {
+		return fmt.Errorf("frontend: reconnect %s: %w", socket, err)
+	}
+	d.conn = proto.NewConn(c)
+	if err := d.Negotiate(); err != nil {
+		return err
+	}
+	if len(restart) == 0 {
+		return nil
+	}
+	return d.start(false)
 }
 
 // SetFeatures sends SET_FEATURES and configures the rings for the acked
@@ -896,6 +1011,10 @@ func (d *Device) release() {
 	}
 	if d.mem != nil {
 		d.mem.free()
+	}
+	if d.inflightFD >= 0 {
+		unix.Close(d.inflightFD)
+		d.inflightFD = -1
 	}
 }
 
