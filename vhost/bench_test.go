@@ -18,7 +18,10 @@ import (
 // written in full before the timed part, and every read is checked to return
 // that data: a benchmark of reads of never-written blocks measures the
 // backing store's shortcut for them, not a read.
-func benchIO(b *testing.B, op byte, bs, qd int) {
+func benchIO(b *testing.B, op byte, bs, qd int) { benchIOWith(b, op, bs, qd, false) }
+
+// benchIOWith is benchIO, with the inflight area (INFLIGHT_SHMFD) when inflight is set.
+func benchIOWith(b *testing.B, op byte, bs, qd int, tracked bool) {
 	e := newEnv(&testing.T{}, 1, reactor.Busy)
 	defer e.close()
 	// The disk's INFO line (backing, populate time) would split the
@@ -28,7 +31,7 @@ func benchIO(b *testing.B, op byte, bs, qd int) {
 	d := e.disk("m0", 256<<20, 512)
 	slog.SetDefault(saved)
 	sock := e.controller("c0", 1, lun(0, 0, d))
-	dev, err := frontend.Dial(sock, frontend.Options{QueueSize: 256, Slots: qd, SlotDataSize: bs})
+	dev, err := frontend.Dial(sock, frontend.Options{QueueSize: 256, Slots: qd, SlotDataSize: bs, Inflight: tracked})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -107,3 +110,6 @@ func fillDisk(b *testing.B, dev *frontend.Device, size uint64) {
 func BenchmarkRead4KQD1(b *testing.B)   { benchIO(b, 0x88, 4096, 1) }
 func BenchmarkRead4KQD32(b *testing.B)  { benchIO(b, 0x88, 4096, 32) }
 func BenchmarkWrite4KQD32(b *testing.B) { benchIO(b, 0x8a, 4096, 32) }
+
+func BenchmarkRead4KQD32Inflight(b *testing.B)  { benchIOWith(b, 0x88, 4096, 32, true) }
+func BenchmarkWrite4KQD32Inflight(b *testing.B) { benchIOWith(b, 0x8a, 4096, 32, true) }

@@ -72,6 +72,9 @@ type Controller struct {
 	lunsMu   sync.Mutex
 	queues   map[*queue]struct{}
 	slotUsed []bool
+	// crashed is set by SimulateCrash (under lunsMu): queues started from
+	// then on behave as crashed ones.
+	crashed bool
 
 	ln *net.UnixListener
 	mu sync.Mutex
@@ -350,4 +353,34 @@ func (c *Controller) Close() error {
 	}
 	c.wg.Wait()
 	return err
+}
+
+// SimulateCrash is a test hook: it ends the controller as if its process had
+// died between taking requests from the request queues and publishing them.
+// From the moment it is called, no request queue takes a chain or stores a
+// used index again; requests already submitted to a bdev run to completion
+// (their responses and used elements may be written, as a process may write
+// them before it dies), but the driver never sees them published. Then the
+// controller closes as Close does: sessions are dropped (the front-end sees
+// its connection end), the socket is removed, and SimulateCrash returns once
+// no bdev IO of this controller is in flight and nothing of it touches guest
+// memory any more. The control and event queues, which complete in order,
+// stop as in Close. A new Controller on the same socket path then plays the
+// restarted process: a front-end that reconnects with SET_INFLIGHT_FD gets
+// the requests in flight at the crash executed again and completed once.
+func (c *Controller) SimulateCrash() error {
+	c.lunsMu.Lock()
+	c.crashed = true
+	qs := make([]*queue, 0, len(c.queues))
+	for q := range c.queues {
+		qs = append(qs, q)
+	}
+	c.lunsMu.Unlock()
+	for _, q := range qs {
+		// On the queue's reactor, between two polls: the crash falls after
+		// whatever that reactor last did. A reactor that is gone runs nothing.
+		q.r.Call(func() { q.crashed = true })
+	}
+	c.log.Warn("simulated crash: request queues stopped without publishing")
+	return c.Close()
 }

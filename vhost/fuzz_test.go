@@ -352,8 +352,11 @@ func FuzzMessages(f *testing.F) {
 // every goroutine, fd and mapping, and that the other controller still works.
 func (ft *fuzzTarget) runProgram(t *testing.T, in []byte) {
 	base := countResources(t)
+	// Inflight: Start asks for the inflight area and hands it back, as QEMU
+	// 8.2+ does, so programs run with requests tracked in it; raw GET/SET_
+	// INFLIGHT_FD messages (opRaw) fuzz its shape and fd checks.
 	d, err := frontend.NewUnstarted(ft.sock, frontend.Options{NumQueues: 2, QueueSize: 16, Slots: 2, SlotDataSize: 4096,
-		ScratchSize: 64 << 10, MemSize: 2 << 20, Timeout: 300 * time.Millisecond})
+		ScratchSize: 64 << 10, MemSize: 2 << 20, Timeout: 300 * time.Millisecond, Inflight: true})
 	if err != nil {
 		t.Fatal(err)
 	}

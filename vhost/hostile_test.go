@@ -346,6 +346,36 @@ func rawHeader(req proto.Request, flags, size uint32) []byte {
 
 func vstate(index, num uint32) []byte { return proto.VringState{Index: index, Num: num}.Encode() }
 
+// inflightOpts negotiates INFLIGHT_SHMFD (and nothing starts: the cases send
+// the inflight messages themselves).
+var inflightOpts = frontend.Options{Inflight: true}
+
+// inflightFD sends SET_INFLIGHT_FD with f (its payload edited by edit, if
+// not nil) and a fresh memfd of fileSize bytes, sealed against shrinking and
+// growing or not.
+func inflightFD(f proto.Inflight, fileSize int64, sealed bool, edit func([]byte) []byte) func(*testing.T, *frontend.Device) {
+	return func(t *testing.T, d *frontend.Device) {
+		fd, err := unix.MemfdCreate("hostile-inflight", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { unix.Close(fd) })
+		if err := unix.Ftruncate(fd, fileSize); err != nil {
+			t.Fatal(err)
+		}
+		if sealed {
+			if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_SHRINK|unix.F_SEAL_GROW); err != nil {
+				t.Fatal(err)
+			}
+		}
+		p := f.Encode()
+		if edit != nil {
+			p = edit(p)
+		}
+		sendRaw(t, d, proto.SetInflightFD, proto.FlagVersion, p, fd)
+	}
+}
+
 func msgCases() []msgCase {
 	lastRegionEnd := func(d *frontend.Device) (gpaEnd, uvaEnd uint64) {
 		regs := d.MemTable()
@@ -570,6 +600,58 @@ func msgCases() []msgCase {
 			want: "vring index 66 out of range"},
 		{name: "SET_FEATURES packed ring", setup: setupNegotiate,
 			send: msgOnly(proto.SetFeatures, proto.PutU64(1<<proto.FVersion1|1<<proto.FRingPacked)), want: "we do not implement"},
+
+		// Inflight I/O tracking: the shape, the fd's size, kind and seals are
+		// checked before anything is mapped (a short or shrinkable file would
+		// SIGBUS the reactor that marks a request).
+		{name: "GET_INFLIGHT_FD not negotiated", setup: setupNegotiate,
+			send: msgOnly(proto.GetInflightFD, proto.Inflight{NumQueues: 3, QueueSize: 128}.Encode()),
+			want: "without PROTOCOL_F_INFLIGHT_SHMFD"},
+		{name: "GET_INFLIGHT_FD 0 queues", setup: setupNegotiate, opts: inflightOpts,
+			send: msgOnly(proto.GetInflightFD, proto.Inflight{QueueSize: 128}.Encode()), want: "0 queues"},
+		{name: "GET_INFLIGHT_FD 67 queues", setup: setupNegotiate, opts: inflightOpts,
+			send: msgOnly(proto.GetInflightFD, proto.Inflight{NumQueues: 67, QueueSize: 128}.Encode()), want: "67 queues"},
+		{name: "GET_INFLIGHT_FD queue size 100", setup: setupNegotiate, opts: inflightOpts,
+			send: msgOnly(proto.GetInflightFD, proto.Inflight{NumQueues: 3, QueueSize: 100}.Encode()),
+			want: "queue size 100 is not a power of two"},
+		{name: "SET_INFLIGHT_FD 22 bytes", setup: setupNegotiate, opts: inflightOpts,
+			send: inflightFD(proto.Inflight{}, 4096, true, func(b []byte) []byte { return b[:22] }),
+			want: "SET_INFLIGHT_FD has 22 bytes, want 24"},
+		{name: "SET_INFLIGHT_FD no fd", setup: setupNegotiate, opts: inflightOpts,
+			send: msgOnly(proto.SetInflightFD, proto.Inflight{MmapSize: 3 * 2112, NumQueues: 3, QueueSize: 128}.Encode()),
+			want: "0 fds attached"},
+		{name: "SET_INFLIGHT_FD size below the layout", setup: setupNegotiate, opts: inflightOpts,
+			send: inflightFD(proto.Inflight{MmapSize: 3*2112 - 64, NumQueues: 3, QueueSize: 128}, 3*2112, true, nil),
+			want: "need 6336"},
+		{name: "SET_INFLIGHT_FD size past the file", setup: setupNegotiate, opts: inflightOpts,
+			send: inflightFD(proto.Inflight{MmapSize: 3 * 2112, NumQueues: 3, QueueSize: 128}, 4096, true, nil),
+			want: "not a file of at least 6336 bytes"},
+		{name: "SET_INFLIGHT_FD offset past the file", setup: setupNegotiate, opts: inflightOpts,
+			send: inflightFD(proto.Inflight{MmapSize: 3 * 2112, MmapOffset: 8192, NumQueues: 3, QueueSize: 128}, 3*2112, true, nil),
+			want: "not a file of at least 14528 bytes"},
+		{name: "SET_INFLIGHT_FD offset overflows", setup: setupNegotiate, opts: inflightOpts,
+			send: inflightFD(proto.Inflight{MmapSize: 3 * 2112, MmapOffset: 1<<64 - 4096, NumQueues: 3, QueueSize: 128}, 3*2112, true, nil),
+			want: "mmap offset"},
+		{name: "SET_INFLIGHT_FD unsealed", setup: setupNegotiate, opts: inflightOpts,
+			send: inflightFD(proto.Inflight{MmapSize: 3 * 2112, NumQueues: 3, QueueSize: 128}, 3*2112, false, nil),
+			want: "not sealed against shrinking"},
+		{name: "SET_INFLIGHT_FD eventfd", setup: setupNegotiate, opts: inflightOpts,
+			send: sendEventFD(proto.SetInflightFD, proto.Inflight{MmapSize: 3 * 2112, NumQueues: 3, QueueSize: 128}.Encode()),
+			want: "not a file"},
+		{name: "SET_INFLIGHT_FD too small for the ring", setup: setupMemory, opts: inflightOpts,
+			send: func(t *testing.T, d *frontend.Device) {
+				// Laid out for 64-entry rings; the front-end's rings have 128.
+				inflightFD(proto.Inflight{MmapSize: 3 * 1088, NumQueues: 3, QueueSize: 64}, 3*1088, true, nil)(t, d)
+				for _, m := range []struct {
+					req proto.Request
+					p   []byte
+				}{{proto.SetVringNum, vstate(2, 128)}, {proto.SetVringAddr, d.VringAddr(2).Encode()},
+					{proto.SetVringEnable, vstate(2, 1)}} {
+					sendRaw(t, d, m.req, proto.FlagVersion, m.p)
+				}
+				sendRaw(t, d, proto.SetVringKick, proto.FlagVersion, proto.PutU64(2), eventFD(t))
+			},
+			want: "inflight region too small"},
 
 		// Framing.
 		{name: "payload size 4097", setup: setupNegotiate,

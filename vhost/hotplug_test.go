@@ -830,42 +830,51 @@ func TestControllerCloseFreesQueues(t *testing.T) {
 // queue.Disarm, measured); and the process's malloc count over 2000
 // requests on a busy reactor, which runs under -race as well.
 func TestIOPathNoAllocs(t *testing.T) {
-	t.Run("adaptive", func(t *testing.T) {
-		if raceEnabled {
-			t.Skip("in a -race build the 8-byte buffers of the eventfd reads around an epoll sleep escape to the heap")
+	for _, inflight := range []bool{false, true} {
+		name := ""
+		if inflight {
+			name = "-inflight" // INFLIGHT_SHMFD negotiated: every request marked and cleared in the area
 		}
-		q, run, bad := allocsTarget(t, reactor.Adaptive)
-		if n := testing.AllocsPerRun(1000, run); n != 0 {
-			t.Errorf("a READ through the target allocates %v per request", n)
-		}
-		if *bad != 0 || q.Inflight() != 0 {
-			t.Errorf("%d reads failed, %d in flight", *bad, q.Inflight())
-		}
-	})
-	t.Run("busy", func(t *testing.T) {
-		q, run, bad := allocsTarget(t, reactor.Busy)
-		var before, after runtime.MemStats
-		runtime.ReadMemStats(&before)
-		for i := 0; i < 2000; i++ {
-			run()
-		}
-		runtime.ReadMemStats(&after)
-		if n := after.Mallocs - before.Mallocs; n > 20 { // ReadMemStats and the test's own noise
-			t.Errorf("2000 READs through the target made %d allocations", n)
-		}
-		if *bad != 0 || q.Inflight() != 0 {
-			t.Errorf("%d reads failed, %d in flight", *bad, q.Inflight())
-		}
-	})
+		t.Run("adaptive"+name, func(t *testing.T) {
+			if raceEnabled {
+				t.Skip("in a -race build the 8-byte buffers of the eventfd reads around an epoll sleep escape to the heap")
+			}
+			q, run, bad := allocsTarget(t, reactor.Adaptive, inflight)
+			if n := testing.AllocsPerRun(1000, run); n != 0 {
+				t.Errorf("a READ through the target allocates %v per request", n)
+			}
+			if *bad != 0 || q.Inflight() != 0 {
+				t.Errorf("%d reads failed, %d in flight", *bad, q.Inflight())
+			}
+		})
+		t.Run("busy"+name, func(t *testing.T) {
+			q, run, bad := allocsTarget(t, reactor.Busy, inflight)
+			var before, after runtime.MemStats
+			runtime.ReadMemStats(&before)
+			for i := 0; i < 2000; i++ {
+				run()
+			}
+			runtime.ReadMemStats(&after)
+			if n := after.Mallocs - before.Mallocs; n > 20 { // ReadMemStats and the test's own noise
+				t.Errorf("2000 READs through the target made %d allocations", n)
+			}
+			if *bad != 0 || q.Inflight() != 0 {
+				t.Errorf("%d reads failed, %d in flight", *bad, q.Inflight())
+			}
+		})
+	}
 }
 
 // allocsTarget starts a controller whose table and unit attention state
 // changed at runtime, and returns a function that runs one READ of LUN 1.
-func allocsTarget(t *testing.T, mode reactor.Mode) (*frontend.Queue, func(), *int) {
+func allocsTarget(t *testing.T, mode reactor.Mode, inflight bool) (*frontend.Queue, func(), *int) {
 	e := newEnv(t, 1, mode)
 	d0, d1 := e.disk("m0", 1<<20, 512), e.disk("m1", 1<<20, 512)
 	c, sock, _ := newController(t, e, 1, 1, lun(0, 0, d0))
-	dev := dial(t, sock, frontend.Options{Slots: 4, SlotDataSize: 4096})
+	dev := dial(t, sock, frontend.Options{Slots: 4, SlotDataSize: 4096, Inflight: inflight})
+	if fd, _ := dev.InflightFD(); inflight != (fd >= 0) {
+		t.Fatalf("inflight area fd %d with Options.Inflight %v", fd, inflight)
+	}
 	if err := c.AddLUN(lun(0, 1, d1)); err != nil {
 		t.Fatal(err)
 	}

@@ -89,8 +89,9 @@ package vhost
 //	CONNECTED --EOF, bad message, Controller.Close--> HUNG UP --teardown--> GONE
 //
 // Owns (session goroutine only): features, the memory table (mem), the 66
-// vrings' configuration and fds, and the list of running queues (live, also
-// read by the control queue's goroutine under qmu). Shared with other
+// vrings' configuration and fds, the inflight area (below), and the list of
+// running queues (live, also read by the control queue's goroutine under
+// qmu). Shared with other
 // goroutines: negotiated (the features, atomic, for the management caller's
 // event decisions), events (pending events, under events.mu) and ua (above). Nothing of a session is
 // reachable from another session: each has its own rings, memory mappings,
@@ -151,9 +152,49 @@ package vhost
 //
 // RESET_DEVICE / RESET_OWNER: every ring STOPPING --> IDLE, ring state
 // forgotten, features cleared (negotiated too), pending events dropped (the
-// driver scans after a reset); the connection, ownership, memory table and
-// call fds stay (QEMU 7.2 sets call fds once, before its RESET_DEVICEs).
-// Pending unit attentions stay: they are the LUN's, not the driver's.
+// driver scans after a reset), the inflight area unmapped (it describes the
+// forgotten rings; QEMU frees its copy on a device reset and asks for a new
+// one); the connection, ownership, memory table and call fds stay (QEMU 7.2
+// sets call fds once, before its RESET_DEVICEs). Pending unit attentions
+// stay: they are the LUN's, not the driver's.
+//
+// # Inflight area and reconnect (inflight.go, virtq/inflight.go)
+//
+// With PROTOCOL_F_INFLIGHT_SHMFD the session owns one inflight area, a
+// memfd region per vring that the front-end keeps across a back-end crash:
+//
+//	none --GET_INFLIGHT_FD--> OWN (new: a sealed, zeroed memfd; its fd sent back)
+//	none --SET_INFLIGHT_FD--> GIVEN (the front-end's: shape, size, offset and
+//	                          seals checked before mmap, or the connection closes)
+//	OWN/GIVEN --GET/SET_INFLIGHT_FD--> every ring STOPPING --> IDLE, area
+//	          replaced, rings restarted on the new one
+//	OWN/GIVEN --RESET_DEVICE/RESET_OWNER, teardown--> none (unmapped after
+//	          every ring has stopped; the front-end's fd keeps the memory)
+//
+// A ring stop or start keeps the area: it is the session's, not the ring's,
+// and no running queue ever holds a slice of an unmapped area (the area is
+// replaced or unmapped only with every ring stopped).
+//
+// Who writes it: a request queue's reactor only, through its virtq.Queue,
+// for that vring's region: a head is marked (counter, then flag) when taken,
+// recorded (next, last_batch_head) when its used element is pushed, and
+// cleared after the used->idx store of its batch, then used_idx is stored.
+// The control and event queues are not tracked: they complete chains in
+// the order they take them, so the used index QEMU restarts them at after
+// a crash is exactly the first chain not completed (events the dead process
+// had not published are lost; the driver sees nothing of them).
+//
+// Reconnect = a new connection (a new session, on a new process or a new
+// Controller) that receives SET_INFLIGHT_FD with the old area and starts the
+// rings on the same guest memory, QEMU sending SET_VRING_BASE = used idx.
+// At each request ring start with an area, virtq.New recovers: a batch
+// published but not recorded (used_idx != used->idx) is cleared, the heads
+// still flagged are run again in counter order before any new chain, and
+// the next avail index becomes used->idx + their number (not the
+// SET_VRING_BASE value), so nothing is run twice or skipped. A fresh region
+// (version 0) is initialised instead. Controller.SimulateCrash is the test
+// hook for the crash itself: request queues stop taking and publishing at
+// once, bdev IOs finish unseen, the sessions and socket go as at Close.
 //
 // # Events (eventq.go)
 //

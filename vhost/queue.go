@@ -75,8 +75,12 @@ type queue struct {
 	stopTake int         // chains a stopping queue may still take (see stop)
 	stopCh   chan uint16 // set by stop; the reactor sends the final avail index
 	stopped  bool        // off the reactor: nothing polls its channels any more
-	now      int64       // time of the current Poll: one clock read per poll, not per request
-	wakeFDs  []int       // adaptive mode: completion eventfd per channel (-1 none), watched by the reactor
+	// crashed is set by Controller.SimulateCrash: the queue behaves as if
+	// its process had died (it takes and publishes nothing, and its stop
+	// only waits for the bdev IOs in flight, whose completions go nowhere).
+	crashed bool
+	now     int64 // time of the current Poll: one clock read per poll, not per request
+	wakeFDs []int // adaptive mode: completion eventfd per channel (-1 none), watched by the reactor
 
 	// Counters written only by the owning reactor; read through reactor.Call.
 	rq    int // request queue number (vring index - 2)
@@ -111,6 +115,7 @@ func startQueue(s *session, v *vring, vq *virtq.Queue) (*queue, error) {
 	// added or removed meanwhile would miss this queue (lifecycle.go).
 	c.lunsMu.Lock()
 	defer c.lunsMu.Unlock()
+	q.crashed = c.crashed
 	tbl := c.table.Load()
 	q.chans = make([]bdev.Channel, tbl.slots)
 	q.lunSt = make([]LUNCounters, tbl.slots)
@@ -233,7 +238,7 @@ func (q *queue) finishStop() {
 	if q.stopCh == nil {
 		return
 	}
-	if q.pending > 0 {
+	if q.pending > 0 && !q.crashed {
 		q.publish()
 	}
 	if q.kick >= 0 && q.r.Mode() == reactor.Adaptive {
@@ -259,6 +264,9 @@ func (q *queue) Poll() int {
 			work += ch.Poll()
 		}
 	}
+	if q.crashed {
+		return q.pollCrashed(work)
+	}
 	if q.stopping {
 		if q.stopTake > 0 {
 			if q.broken || !q.vq.HasAvail() {
@@ -283,6 +291,17 @@ func (q *queue) Poll() int {
 		q.publish()
 	}
 	q.st.Polls++
+	return work
+}
+
+// pollCrashed is Poll after SimulateCrash: completions were reaped (their
+// responses and used elements are written, as a process can do before it
+// dies) but nothing is taken and used->idx is never stored again, so the
+// driver sees none of it; the stop finishes once the bdevs are done.
+func (q *queue) pollCrashed(work int) int {
+	if q.stopping && q.inflight == 0 {
+		q.finishStop()
+	}
 	return work
 }
 
@@ -357,7 +376,7 @@ func (q *queue) signal() {
 
 // Arm lets an adaptive reactor sleep: enable kicks, then look again.
 func (q *queue) Arm() bool {
-	if q.stopping || q.kick < 0 || !q.canSleepInFlight() {
+	if q.stopping || q.crashed || q.kick < 0 || !q.canSleepInFlight() {
 		return false
 	}
 	if q.broken {

@@ -24,7 +24,7 @@ const (
 	offeredFeatures = 1<<proto.FVersion1 | 1<<proto.FRingIndirectDesc | 1<<proto.FRingEventIdx |
 		1<<proto.FProtocolFeatures | 1<<proto.FVirtioSCSIHotplug | 1<<proto.FVirtioSCSIChange
 	offeredProtocolFeatures = 1<<proto.PFMQ | 1<<proto.PFReplyAck | 1<<proto.PFResetDevice |
-		1<<proto.PFConfigureMemSlots
+		1<<proto.PFConfigureMemSlots | 1<<proto.PFInflightShmFD
 	// maxMemSlots answers GET_MAX_MEM_SLOTS: regions ADD_MEM_REG may build up
 	// (QEMU caps it at its own 512 slots; libvhost-user and rust-vmm use 509).
 	maxMemSlots = guestmem.MaxRegions
@@ -75,7 +75,10 @@ type session struct {
 	owner                   bool
 	mem                     *guestmem.Table
 	vrings                  [2 + MaxQueues]vring
-	broken                  bool
+	// inflightArea is the inflight I/O tracking area (inflight.go), nil
+	// until GET_INFLIGHT_FD or SET_INFLIGHT_FD.
+	inflightArea *inflightArea
+	broken       bool
 
 	// live lists the running request queues for the control queue's
 	// goroutine (task management waits for their in-flight requests).
@@ -147,7 +150,7 @@ func wantFDs(m *proto.Msg) (min, max int) {
 			return 0, 0
 		}
 		return 1, 1
-	case proto.SetLogFD, proto.SetBackendReqFD, proto.AddMemReg:
+	case proto.SetLogFD, proto.SetBackendReqFD, proto.AddMemReg, proto.SetInflightFD:
 		return 1, 1
 	case proto.RemMemReg:
 		return 0, 1 // QEMU before 7.1 sent the region's fd; the spec now says none
@@ -219,6 +222,10 @@ func (s *session) handle(m *proto.Msg) error {
 		if _, _, err = proto.DecodeConfig(m); err == nil && m.NeedReply() {
 			err, replied = s.conn.ReplyU64(m.Request, 1), true // refused: we have no config space
 		}
+	case proto.GetInflightFD:
+		err, replied = s.getInflightFD(m), true
+	case proto.SetInflightFD:
+		err = s.setInflightFD(m)
 	case proto.SetLogFD, proto.SetBackendReqFD:
 		// Not offered; accept and drop the fd (closed by the caller).
 	default:
@@ -497,9 +504,17 @@ func (s *session) update(v *vring) error {
 		LastAvail: v.base,
 		EventIdx:  s.features&(1<<proto.FRingEventIdx) != 0,
 		Indirect:  s.features&(1<<proto.FRingIndirectDesc) != 0,
+		Inflight:  s.inflightRegion(v),
 	})
 	if err != nil {
 		return protoErr("vring %d: %v", v.idx, err)
+	}
+	if n := len(vq.Resubmits()); n > 0 {
+		// The next avail index comes from the area (used idx + requests in
+		// flight), not from SET_VRING_BASE, which QEMU sets to the used idx
+		// after a back-end crash.
+		s.log.Info("resuming requests in flight when the previous back-end ended", "vring", v.idx,
+			"requests", n, "next_avail", vq.LastAvail(), "vring_base", v.base)
 	}
 	switch v.idx {
 	case 0:
@@ -564,6 +579,10 @@ func (s *session) stopAll() []*vring {
 // features cleared; the connection and its ownership stay.
 func (s *session) reset() {
 	s.stopAll()
+	// The area describes rings that are now forgotten (QEMU frees its copy
+	// on a device reset and asks for a new one at the next start).
+	s.inflightArea.close()
+	s.inflightArea = nil
 	for i := range s.vrings {
 		v := &s.vrings[i]
 		if v.kick >= 0 {
