@@ -380,8 +380,9 @@ func (ft *fuzzTarget) runProgram(t *testing.T, in []byte) {
 }
 
 // TestMessageSeedsReachRings checks that the seed programs do what they are
-// for: the raw QEMU start runs both request queues (the kicked chains
-// complete) and nothing in a seed is a protocol error.
+// for: the raw QEMU start (also with the inflight area) runs both request
+// queues (the kicked chains complete) and nothing in a seed is a protocol
+// error, except in the hostile ones.
 func TestMessageSeedsReachRings(t *testing.T) {
 	ft := newFuzzTarget(t)
 	for name, in := range messageSeeds() {
@@ -397,7 +398,7 @@ func TestMessageSeedsReachRings(t *testing.T) {
 			reqs[i] = after.Queues[i].Requests - before.Queues[i].Requests
 		}
 		t.Logf("seed %s: requests completed per queue %v", name, reqs)
-		if (name == "qemu-start-raw" && (reqs[0] != 1 || reqs[1] != 1)) || (name == "helpers" && reqs[0]+reqs[1] < 3) {
+		if ((name == "qemu-start-raw" || name == "inflight-get-raw") && (reqs[0] != 1 || reqs[1] != 1)) || (name == "helpers" && reqs[0]+reqs[1] < 3) {
 			t.Errorf("seed %s did not reach running rings: %v requests", name, reqs)
 		}
 	}
@@ -419,11 +420,12 @@ func messageSeeds() map[string][]byte {
 		b = append(b, opU64, which)
 		b = binary.LittleEndian.AppendUint64(b, v)
 	}
+	pf := uint64(1<<proto.PFMQ | 1<<proto.PFReplyAck | 1<<proto.PFResetDevice)
 	start := func() {
 		b = nil
 		raw(proto.GetFeatures, 1, nil, 0)
 		raw(proto.GetProtocolFeatures, 1, nil, 0)
-		u64(1, 1<<proto.PFMQ|1<<proto.PFReplyAck|1<<proto.PFResetDevice)
+		u64(1, pf)
 		raw(proto.GetQueueNum, 1, nil, 0)
 		raw(proto.SetOwner, 1, nil, 0)
 		for r := byte(0); r < 4; r++ {
@@ -457,6 +459,18 @@ func messageSeeds() map[string][]byte {
 	start()
 	b = append(b, opVringAddr, 2, 0x80, 0, 0, opVringAddr, 2, 0x00, 0x40, 0, opKick, 0, 1)
 	seeds["start-readdress"] = b
+	// QEMU 8.2+: the inflight area asked for before the rings start (the
+	// program reads no replies: the fd it is sent is dropped with the
+	// connection), and a SET_INFLIGHT_FD of the guest memfd, which is not
+	// sealed: refused.
+	pf |= 1 << proto.PFInflightShmFD
+	start()
+	raw(proto.GetInflightFD, 1, proto.Inflight{NumQueues: 4, QueueSize: 16}.Encode(), 0)
+	b = append(b, opKick, 0, 1, opKick, 1, 2)
+	seeds["inflight-get-raw"] = b
+	start()
+	raw(proto.SetInflightFD, 1, proto.Inflight{MmapSize: 4 * 320, NumQueues: 4, QueueSize: 16}.Encode(), 1)
+	seeds["hostile-inflight-set-unsealed"] = b
 	seeds["helpers"] = []byte{opHelper, 0, opHelper, 1, opHelper, 2, opHelper, 3 + 56, opHelper, 6, opHelper, 5, opHelper, 2, opHelper, 4}
 	seeds["hostile-helpers-then-raw"] = []byte{opHelper, 0, opHelper, 1, opHelper, 2, opState, 0, 2, 64, 0, opRaw, 5, 1, 0, 1}
 	return seeds

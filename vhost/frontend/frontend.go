@@ -1021,7 +1021,8 @@ func (d *Device) release() {
 // Reset is the guest-reset cycle: SET_VRING_ENABLE 0 for all, GET_VRING_BASE
 // for started rings, RESET_DEVICE (if negotiated), then the DRIVER_OK part of
 // the start sequence again on the same connection with rings back at base 0
-// (Options.VringBase). Every slot returns to its pool. PeerSPDK: GET_VRING_BASE
+// (Options.VringBase). Every slot returns to its pool; the inflight area is
+// dropped, so the start asks for a new one (Options.Inflight). PeerSPDK: GET_VRING_BASE
 // only, then the feature negotiation and the start again.
 func (d *Device) Reset() error {
 	if err := d.stop(); err != nil {
@@ -1037,6 +1038,12 @@ func (d *Device) Reset() error {
 		q.base = d.o.VringBase
 		q.resetState()
 		q.mu.Unlock()
+	}
+	// vhost_user_scsi_reset frees the inflight area: the next start asks
+	// for a new one (the old one describes the rings just forgotten).
+	if d.inflightFD >= 0 {
+		unix.Close(d.inflightFD)
+		d.inflightFD = -1
 	}
 	if d.o.Peer == PeerSPDK {
 		// virtio_dev_reset negotiates the features again before the start.
