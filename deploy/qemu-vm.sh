@@ -10,8 +10,15 @@
 #    guest's memory through the memfd QEMU passes over the socket.
 #  - QEMU runs as root or as the controller's socket_owner (socket_mode
 #    "0600" by default).
-# QEMU 7.2 (Debian 12) cannot reconnect to a restarted target: if the target
-# stops, this VM's SCSI I/O hangs until the VM is restarted.
+# Restarts of the target: QEMU 8.2 and later reconnect a vhost-user-scsi
+# device to a restarted target when the chardev has a reconnect interval,
+# which this script sets (reconnect-ms on QEMU 9.2+, reconnect= seconds on
+# 8.2..9.1); in-flight requests are resubmitted through the target's
+# INFLIGHT_SHMFD area, so `systemctl restart vhost-target` (or a crash and
+# Restart=on-failure) pauses the guest's I/O for a fraction of a second.
+# QEMU 7.2 (Debian 12's own) cannot reconnect: if the target stops, this VM's
+# SCSI I/O hangs until the VM is restarted. Debian 12 gets QEMU 10 from
+# bookworm-backports (apt install -t bookworm-backports qemu-system-x86).
 set -eu
 EXTRA_COUNT=$#
 
@@ -23,6 +30,19 @@ CPUS=${CPUS:-2}
 # set explicitly here.
 QUEUES=${QUEUES:-$CPUS}
 KERNEL=${KERNEL:-}    # optional: boot a kernel directly (-kernel), else boot from the SCSI disk
+QEMU=${QEMU:-qemu-system-x86_64}
+
+# Reconnect to a restarted target where this QEMU can (see above).
+RECONNECT=""
+QVER=$("$QEMU" --version | sed -n 's/^QEMU emulator version \([0-9]*\)\.\([0-9]*\).*/\1 \2/p')
+set -- ${QVER:-0 0} "$@"
+QMAJ=$1 QMIN=$2
+shift 2
+if [ "$QMAJ" -gt 9 ] || { [ "$QMAJ" -eq 9 ] && [ "$QMIN" -ge 2 ]; }; then
+	RECONNECT=",reconnect-ms=1000"
+elif [ "$QMAJ" -eq 9 ] || { [ "$QMAJ" -eq 8 ] && [ "$QMIN" -ge 2 ]; }; then
+	RECONNECT=",reconnect=1"
+fi
 
 # Use KVM only when a real hardware virtualization module is loaded;
 # otherwise fall back to TCG (slow, for functional testing only).
@@ -41,7 +61,7 @@ set -- "$@" \
 	-object memory-backend-memfd,id=mem,size="$MEM",share=on \
 	-machine pc,memory-backend=mem \
 	`# The vhost-user socket of controller vhost.0; QEMU is the client.` \
-	-chardev socket,id=vhost0,path="$SOCKET" \
+	-chardev socket,id=vhost0,path="$SOCKET"$RECONNECT \
 	`# The virtio-scsi HBA whose queues the target serves. LUNs appear as` \
 	`# /dev/sdX in the guest (target/LUN from [[controller.lun]]).` \
 	-device vhost-user-scsi-pci,id=scsi0,chardev=vhost0,num_queues="$QUEUES",bootindex=0 \
@@ -59,4 +79,4 @@ while [ "$i" -lt "$EXTRA_COUNT" ]; do
 	i=$((i + 1))
 done
 
-exec qemu-system-x86_64 "$@"
+exec "$QEMU" "$@"
