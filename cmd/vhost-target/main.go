@@ -89,8 +89,19 @@ func run(args []string) int {
 	}
 	t.cfgPath = *cfgPath
 	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGUSR1)
 	for s := range sig {
+		if s == syscall.SIGUSR1 {
+			// Every running request queue's state, for a guest whose I/O
+			// stands still (also vhost_get_queue_states).
+			for _, c := range t.controllers() {
+				for _, st := range c.QueueStates() {
+					log.Info("queue state", "controller", c.Name(), "session", st.Session, "vring", st.Vring,
+						"in_flight", st.InFlight, "state", fmt.Sprintf("%+v", st.Ring), "broken", st.Broken, "stopping", st.Stopping)
+				}
+			}
+			continue
+		}
 		if s == syscall.SIGHUP {
 			// Re-read the file and apply the difference; a bad file changes
 			// nothing and the target keeps serving.

@@ -198,6 +198,14 @@ func TestRPCMethods(t *testing.T) {
 		}
 	}
 
+	// the queue of the connected front-end, as vhost_get_queue_states shows it
+	qs := call[[]queueStateJSON](t, c, "vhost_get_queue_states", m{"name": "c1"})
+	if len(qs) != 1 || qs[0].Vring != 2 || qs[0].InFlight != 0 || qs[0].Ring.LastAvail != qs[0].Ring.AvailIdx ||
+		qs[0].Ring.UsedIdx != qs[0].Ring.LastAvail || qs[0].Ring.UsedIdx == 0 {
+		t.Errorf("vhost_get_queue_states c1 = %+v", qs)
+	}
+	callErr(t, c, "vhost_get_queue_states", m{"name": "nope"}, -19, `controller "nope" does not exist`)
+
 	// refusals while in use
 	callErr(t, c, "bdev_malloc_delete", m{"name": "m1"}, -16, `bdev "m1" is in use by controller "c1" target 0 lun 0`)
 	callErr(t, c, "bdev_malloc_delete", m{"name": "a0"}, -19, `bdev "a0" does not exist`) // not a malloc bdev

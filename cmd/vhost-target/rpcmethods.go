@@ -22,6 +22,7 @@ import (
 
 	"vhost-target/config"
 	"vhost-target/rpc"
+	"vhost-target/vhost"
 )
 
 // rpcServer is the running JSON-RPC server, or nil.
@@ -213,6 +214,9 @@ func (t *target) methods() map[string]rpc.Handler {
 				changes = []string{}
 			}
 			return map[string]any{"changes": changes}, err
+		}),
+		"vhost_get_queue_states": handler(func(_ context.Context, p *ctrlrName) (any, error) {
+			return t.queueStates(p.Name)
 		}),
 		"spdk_get_version": handler(func(_ context.Context, _ *noParams) (any, error) {
 			return versionInfo(), nil
@@ -710,4 +714,29 @@ func versionInfo() map[string]any {
 		}
 	}
 	return map[string]any{"version": "vhost-target " + v, "fields": fields}
+}
+
+// queueStateJSON is one running request queue (vhost_get_queue_states, ours):
+// where a guest's requests are when its I/O stands still.
+type queueStateJSON struct {
+	Ctrlr string `json:"ctrlr"`
+	vhost.QueueState
+}
+
+func (t *target) queueStates(name string) (any, error) {
+	out := []queueStateJSON{}
+	found := false
+	for _, c := range t.controllers() {
+		if name != "" && c.Name() != name {
+			continue
+		}
+		found = true
+		for _, st := range c.QueueStates() {
+			out = append(out, queueStateJSON{Ctrlr: c.Name(), QueueState: st})
+		}
+	}
+	if name != "" && !found {
+		return nil, &rpc.Error{Code: codeENODEV, Message: fmt.Sprintf("controller %q does not exist", name)}
+	}
+	return out, nil
 }

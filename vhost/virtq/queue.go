@@ -363,3 +363,39 @@ func (q *Queue) SetNotification(enable bool) {
 	}
 	q.storeUsedWord()
 }
+
+// State is a snapshot of a ring for diagnostics: what the device last did
+// and what the driver's words say now.
+type State struct {
+	LastAvail  uint16 // next avail index the device will take
+	AvailIdx   uint16 // avail->idx, loaded now
+	AvailFlags uint16
+	UsedIdx    uint16 // used->idx as last stored
+	UsedFlags  uint16
+	Pending    uint16 // used elements written, not yet published
+	UsedEvent  uint16 // with EVENT_IDX: the driver's used_event (it wants a call when used->idx passes it)
+	AvailEvent uint16 // with EVENT_IDX: avail_event as the device left it (the driver kicks when avail->idx passes it)
+	EventIdx   bool
+	Signalled  uint16 // used index at the last notification decision
+	Resubmit   int    // recovered heads still to be taken (inflight tracking)
+	Broken     string
+}
+
+// State reads the ring's state; call it where Pop and Push are called (the
+// owner), it does not synchronise with them.
+func (q *Queue) State() State {
+	flags, idx := halves(atomic.LoadUint32(word(q.avail, 0)))
+	s := State{LastAvail: q.lastAvail, AvailIdx: idx, AvailFlags: flags, UsedIdx: q.usedIdx, UsedFlags: q.usedFlags,
+		Pending: q.pending, EventIdx: q.eventIdx, Signalled: q.signalled}
+	if q.eventIdx {
+		s.UsedEvent = load16(q.avail, 4+2*int(q.size))
+		s.AvailEvent = load16(q.used, 4+usedElemBytes*int(q.size))
+	}
+	if q.inf != nil {
+		s.Resubmit = len(q.inf.resubmit) - q.inf.resubmitNext
+	}
+	if q.broken != nil {
+		s.Broken = q.broken.Error()
+	}
+	return s
+}
