@@ -130,14 +130,15 @@ func TestGuestFirmwareScan(t *testing.T) {
 	if bios.conns != 1 || linux.conns != 1 {
 		t.Errorf("connections at the starts: %d, %d; want both phases on the first connection", bios.conns, linux.conns)
 	}
-	if bios.requests > 8 { // the BIOS may get a request in before the snapshot
-		t.Errorf("%d requests already served at the first start", bios.requests)
-	}
+	// Everything served before Linux's start is the BIOS phase. (The
+	// snapshot at the first start is taken once the ring already runs, so
+	// SeaBIOS's quick scan may be partly counted in it: only the totals at
+	// the second start are exact enough to assert on.)
 	// SeaBIOS probes target ids 0..255; 254 of them are absent here.
-	if got := linux.badTgt - bios.badTgt; got < 254 {
-		t.Errorf("the BIOS phase got %d bad-target answers, want >= 254 (a scan of all target ids)", got)
+	if linux.badTgt < 254 {
+		t.Errorf("the BIOS phase got %d bad-target answers, want >= 254 (a scan of all target ids)", linux.badTgt)
 	}
-	if got := (linux.requests - bios.requests) - (linux.badTgt - bios.badTgt); got < 4 {
+	if got := linux.requests - linux.badTgt; got < 4 {
 		t.Errorf("the BIOS phase sent %d commands to present LUNs, want >= 4", got)
 	}
 
