@@ -2,11 +2,7 @@ package vhost
 
 import (
 	"encoding/binary"
-	"os"
-	"sync"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"vhost-target/vhost/virtq"
 )
@@ -34,73 +30,23 @@ const (
 	anRespSize = 4 + 1         // event_actual, response
 )
 
-// ctrlQueue serves the control queue on its own goroutine, off the reactors:
+// ctrlQueue serves the control queue on its own goroutine (sideQueue):
 // task management is rare, and answering it may wait for in-flight I/O.
 type ctrlQueue struct {
-	s    *session
-	vq   *virtq.Queue
-	kick *os.File // nil: no kick fd, poll on a timer
-
-	mu   sync.Mutex // guards call against setCall from the control plane
-	call int
-
-	quit chan struct{}
-	done chan struct{}
+	sideQueue
 }
 
 func startCtrlQueue(s *session, v *vring, vq *virtq.Queue) *ctrlQueue {
-	cq := &ctrlQueue{s: s, vq: vq, call: v.call, quit: make(chan struct{}), done: make(chan struct{})}
-	if v.kick >= 0 {
-		// The kick fd becomes an *os.File on Go's netpoller, so the goroutine
-		// parks instead of holding a thread; the vring gives up ownership.
-		if dup, err := unix.Dup(v.kick); err == nil {
-			unix.SetNonblock(dup, true)
-			cq.kick = os.NewFile(uintptr(dup), "kick")
-		}
-	}
-	vq.SetNotification(true)
+	cq := &ctrlQueue{}
+	cq.init(s, v, vq)
 	go cq.run()
 	return cq
 }
 
-// setCall swaps the call fd and signals it once, as queue.setCall does: an
-// answer published just before the swap was signalled on the old fd.
-func (cq *ctrlQueue) setCall(fd int) {
-	cq.mu.Lock()
-	cq.call = fd
-	if fd >= 0 {
-		unix.Write(fd, callValue[:])
-	}
-	cq.mu.Unlock()
-}
-
 func (cq *ctrlQueue) run() {
 	defer close(cq.done)
-	kicks := make(chan struct{}, 1)
-	if cq.kick != nil {
-		go func() {
-			var b [8]byte
-			for {
-				if _, err := cq.kick.Read(b[:]); err != nil {
-					close(kicks)
-					return
-				}
-				select {
-				case kicks <- struct{}{}:
-				default:
-				}
-			}
-		}()
-	}
-	// Without a kick fd the front-end expects us to poll; with one, the
-	// eventfd counter keeps any kick that lands between Pop and Read, so no
-	// timer is needed and an idle control queue costs nothing.
-	var tickC <-chan time.Time
-	if cq.kick == nil {
-		tick := time.NewTicker(5 * time.Millisecond)
-		defer tick.Stop()
-		tickC = tick.C
-	}
+	kicks, tickC, release := cq.wakeups()
+	defer release()
 	var c virtq.Chain
 	for {
 		for {
@@ -120,13 +66,7 @@ func (cq *ctrlQueue) run() {
 			}
 			cq.vq.Push(c.Head, cq.handle(&c))
 		}
-		if cq.vq.Publish() {
-			cq.mu.Lock()
-			if cq.call >= 0 {
-				unix.Write(cq.call, callValue[:])
-			}
-			cq.mu.Unlock()
-		}
+		cq.publish()
 		// With EVENT_IDX the driver kicks only when avail->idx passes
 		// avail_event, which SetNotification moves to the current index; then
 		// look once more for a chain added before the driver could see it.
@@ -144,16 +84,6 @@ func (cq *ctrlQueue) run() {
 		case <-tickC:
 		}
 	}
-}
-
-// stop ends the goroutine and returns the next avail index.
-func (cq *ctrlQueue) stop() uint16 {
-	close(cq.quit)
-	<-cq.done
-	if cq.kick != nil {
-		cq.kick.Close()
-	}
-	return cq.vq.LastAvail()
 }
 
 // handle answers one control request and returns the bytes written.

@@ -2,11 +2,7 @@ package vhost
 
 import (
 	"encoding/binary"
-	"os"
 	"sync"
-	"time"
-
-	"golang.org/x/sys/unix"
 
 	"vhost-target/vhost/proto"
 	"vhost-target/vhost/virtq"
@@ -129,68 +125,25 @@ func (e *sessionEvents) reset() {
 	e.mu.Unlock()
 }
 
-// eventQueue serves the event vring on its own goroutine, off the reactors,
-// as ctrlQueue serves the control vring: events are rare, and the pending
-// list is shared with the control plane under a mutex.
+// eventQueue serves the event vring on its own goroutine (sideQueue), as
+// ctrlQueue serves the control vring: events are rare, and the pending list
+// is shared with the control plane under a mutex. Undelivered events stay
+// pending across a stop, for the next start.
 type eventQueue struct {
-	s    *session
-	vq   *virtq.Queue
-	kick *os.File // nil: no kick fd, poll on a timer
-
-	mu   sync.Mutex // guards call against setCall from the control plane
-	call int
-
-	quit chan struct{}
-	done chan struct{}
+	sideQueue
 }
 
 func startEventQueue(s *session, v *vring, vq *virtq.Queue) *eventQueue {
-	eq := &eventQueue{s: s, vq: vq, call: v.call, quit: make(chan struct{}), done: make(chan struct{})}
-	if v.kick >= 0 {
-		if dup, err := unix.Dup(v.kick); err == nil {
-			unix.SetNonblock(dup, true)
-			eq.kick = os.NewFile(uintptr(dup), "kick")
-		}
-	}
-	vq.SetNotification(true)
+	eq := &eventQueue{}
+	eq.init(s, v, vq)
 	go eq.run()
 	return eq
 }
 
-// setCall swaps the call fd and signals it once (see queue.setCall).
-func (eq *eventQueue) setCall(fd int) {
-	eq.mu.Lock()
-	eq.call = fd
-	if fd >= 0 {
-		unix.Write(fd, callValue[:])
-	}
-	eq.mu.Unlock()
-}
-
 func (eq *eventQueue) run() {
 	defer close(eq.done)
-	kicks := make(chan struct{}, 1)
-	if eq.kick != nil {
-		go func() {
-			var b [8]byte
-			for {
-				if _, err := eq.kick.Read(b[:]); err != nil {
-					close(kicks)
-					return
-				}
-				select {
-				case kicks <- struct{}{}:
-				default:
-				}
-			}
-		}()
-	}
-	var tickC <-chan time.Time
-	if eq.kick == nil {
-		tick := time.NewTicker(5 * time.Millisecond)
-		defer tick.Stop()
-		tickC = tick.C
-	}
+	kicks, tickC, release := eq.wakeups()
+	defer release()
 	for {
 		if !eq.deliver() {
 			// The driver broke the ring: nothing more until it is reset.
@@ -259,25 +212,4 @@ func (eq *eventQueue) deliver() bool {
 	// that are found on the next pass (a kick or an event wakes it).
 	eq.vq.SetNotification(true)
 	return true
-}
-
-func (eq *eventQueue) publish() {
-	if eq.vq.Publish() {
-		eq.mu.Lock()
-		if eq.call >= 0 {
-			unix.Write(eq.call, callValue[:])
-		}
-		eq.mu.Unlock()
-	}
-}
-
-// stop ends the goroutine and returns the next avail index. Undelivered
-// events stay pending for the next start.
-func (eq *eventQueue) stop() uint16 {
-	close(eq.quit)
-	<-eq.done
-	if eq.kick != nil {
-		eq.kick.Close()
-	}
-	return eq.vq.LastAvail()
 }
