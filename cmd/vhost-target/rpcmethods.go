@@ -90,27 +90,26 @@ type bdevMallocCreate struct {
 	Hugepages string  `json:"hugepages"` // ours: auto, hugetlb, thp, none
 }
 
+// pathBdevParams are what bdev_aio_create and bdev_file_create share.
+type pathBdevParams struct {
+	Name       string  `json:"name"`
+	Filename   string  `json:"filename"`
+	BlockSize  *uint32 `json:"block_size"`
+	Readonly   bool    `json:"readonly"`
+	UUID       string  `json:"uuid"`
+	QueueDepth *int    `json:"queue_depth"` // ours, as in the file
+}
+
 type bdevAIOCreate struct {
-	Name      string  `json:"name"`
-	Filename  string  `json:"filename"`
-	BlockSize *uint32 `json:"block_size"`
-	Readonly  bool    `json:"readonly"`
-	UUID      string  `json:"uuid"`
-	// Ours: engine (auto, uring, libaio) and queue_depth, as in the file.
-	Engine     string `json:"engine"`
-	QueueDepth *int   `json:"queue_depth"`
+	pathBdevParams
+	Engine string `json:"engine"` // ours: auto, uring, libaio, as in the file
 }
 
 type bdevFileCreate struct {
-	Name       string          `json:"name"`
-	Filename   string          `json:"filename"`
-	Size       json.RawMessage `json:"size"` // bytes, or a string such as "10GiB"
-	BlockSize  *uint32         `json:"block_size"`
-	Create     bool            `json:"create"`
-	Readonly   bool            `json:"readonly"`
-	Workers    *int            `json:"workers"`
-	QueueDepth *int            `json:"queue_depth"`
-	UUID       string          `json:"uuid"`
+	pathBdevParams
+	Size    json.RawMessage `json:"size"` // bytes, or a string such as "10GiB"
+	Create  bool            `json:"create"`
+	Workers *int            `json:"workers"`
 }
 
 type bdevName struct {
@@ -137,28 +136,34 @@ type createController struct {
 	SocketGroup string `json:"socket_group"`
 }
 
-type addTarget struct {
+// targetAddr is the controller and SCSI target the target and LUN methods name.
+type targetAddr struct {
 	Ctrlr         string `json:"ctrlr"`
 	SCSITargetNum *int   `json:"scsi_target_num"`
-	BdevName      string `json:"bdev_name"`
+}
+
+// lunAddr adds the LUN.
+type lunAddr struct {
+	targetAddr
+	LUN *int `json:"lun"`
+}
+
+type addTarget struct {
+	targetAddr
+	BdevName string `json:"bdev_name"`
 }
 
 type removeTarget struct {
-	Ctrlr         string `json:"ctrlr"`
-	SCSITargetNum *int   `json:"scsi_target_num"`
+	targetAddr
 }
 
 type addLUN struct {
-	Ctrlr         string `json:"ctrlr"`
-	SCSITargetNum *int   `json:"scsi_target_num"`
-	LUN           *int   `json:"lun"`
-	BdevName      string `json:"bdev_name"`
+	lunAddr
+	BdevName string `json:"bdev_name"`
 }
 
 type removeLUN struct {
-	Ctrlr         string `json:"ctrlr"`
-	SCSITargetNum *int   `json:"scsi_target_num"`
-	LUN           *int   `json:"lun"`
+	lunAddr
 }
 
 type deleteController struct {
@@ -292,27 +297,41 @@ func (t *target) rpcMallocCreate(_ context.Context, p *bdevMallocCreate) (any, e
 	return p.Name, nil
 }
 
-func (t *target) rpcAIOCreate(_ context.Context, p *bdevAIOCreate) (any, error) {
+// bdev checks the shared parameters and returns a bdev of type typ with
+// them and the defaults.
+func (p *pathBdevParams) bdev(typ string) (config.Bdev, error) {
 	if p.Name == "" {
-		return nil, invalid("name: required")
+		return config.Bdev{}, invalid("name: required")
 	}
 	if p.Filename == "" {
-		return nil, invalid("filename: required")
+		return config.Bdev{}, invalid("filename: required")
 	}
 	u, err := bdevUUID(p.Name, p.UUID)
 	if err != nil {
-		return nil, err
+		return config.Bdev{}, err
 	}
-	b := config.Bdev{Name: p.Name, Type: config.TypeAIO, Path: p.Filename, BlockSize: config.BlockSizeDefault,
-		ReadOnly: p.Readonly, Engine: config.EngineAuto, QueueDepth: config.QueueDepthDefault, UUID: u}
-	if p.BlockSize != nil && *p.BlockSize != 0 { // SPDK: 0 = detect; ours: the default
+	b := config.Bdev{Name: p.Name, Type: typ, Path: p.Filename, BlockSize: config.BlockSizeDefault,
+		ReadOnly: p.Readonly, QueueDepth: config.QueueDepthDefault, UUID: u}
+	if p.BlockSize != nil {
 		b.BlockSize = *p.BlockSize
-	}
-	if p.Engine != "" {
-		b.Engine = p.Engine
 	}
 	if p.QueueDepth != nil {
 		b.QueueDepth = *p.QueueDepth
+	}
+	return b, nil
+}
+
+func (t *target) rpcAIOCreate(_ context.Context, p *bdevAIOCreate) (any, error) {
+	if p.BlockSize != nil && *p.BlockSize == 0 { // SPDK: 0 = detect; ours: the default
+		p.BlockSize = nil
+	}
+	b, err := p.bdev(config.TypeAIO)
+	if err != nil {
+		return nil, err
+	}
+	b.Engine = config.EngineAuto
+	if p.Engine != "" {
+		b.Engine = p.Engine
 	}
 	if err := t.addBdev(b, "rpc"); err != nil {
 		return nil, err
@@ -321,18 +340,11 @@ func (t *target) rpcAIOCreate(_ context.Context, p *bdevAIOCreate) (any, error) 
 }
 
 func (t *target) rpcFileCreate(_ context.Context, p *bdevFileCreate) (any, error) {
-	if p.Name == "" {
-		return nil, invalid("name: required")
-	}
-	if p.Filename == "" {
-		return nil, invalid("filename: required")
-	}
-	u, err := bdevUUID(p.Name, p.UUID)
+	b, err := p.bdev(config.TypeFile)
 	if err != nil {
 		return nil, err
 	}
-	b := config.Bdev{Name: p.Name, Type: config.TypeFile, Path: p.Filename, BlockSize: config.BlockSizeDefault,
-		ReadOnly: p.Readonly, Create: p.Create, Workers: config.WorkersDefault, QueueDepth: config.QueueDepthDefault, UUID: u}
+	b.Create, b.Workers = p.Create, config.WorkersDefault
 	if len(p.Size) > 0 && string(p.Size) != "null" {
 		var n uint64
 		var s string
@@ -347,14 +359,8 @@ func (t *target) rpcFileCreate(_ context.Context, p *bdevFileCreate) (any, error
 			return nil, invalid("size: must be a number of bytes or a string such as \"10GiB\"")
 		}
 	}
-	if p.BlockSize != nil {
-		b.BlockSize = *p.BlockSize
-	}
 	if p.Workers != nil {
 		b.Workers = *p.Workers
-	}
-	if p.QueueDepth != nil {
-		b.QueueDepth = *p.QueueDepth
 	}
 	if err := t.addBdev(b, "rpc"); err != nil {
 		return nil, err
@@ -527,10 +533,13 @@ func (t *target) rpcCreateController(_ context.Context, p *createController) (an
 	return true, t.addController(cc, "rpc")
 }
 
-// targetNum checks an scsi_target_num; allowFree lets -1 mean "the first
-// free target" (as SPDK's add_target).
-func targetNum(p *int, allowFree bool) (int, error) {
+// check checks ctrlr and scsi_target_num; allowFree lets -1 mean "the
+// first free target" (as SPDK's add_target).
+func (a *targetAddr) check(allowFree bool) (int, error) {
+	p := a.SCSITargetNum
 	switch {
+	case a.Ctrlr == "":
+		return 0, invalid("ctrlr: required")
 	case p == nil:
 		return 0, invalid("scsi_target_num: required")
 	case *p == -1 && allowFree:
@@ -541,16 +550,27 @@ func targetNum(p *int, allowFree bool) (int, error) {
 	return *p, nil
 }
 
+// check checks ctrlr, scsi_target_num and lun.
+func (a *lunAddr) check() (target, lun int, err error) {
+	if target, err = a.targetAddr.check(false); err != nil {
+		return 0, 0, err
+	}
+	switch p := a.LUN; {
+	case p == nil:
+		return 0, 0, invalid("lun: required")
+	case *p < 0 || *p > config.LUNMax:
+		return 0, 0, invalid("lun: %d is out of range 0..%d", *p, config.LUNMax)
+	}
+	return target, *a.LUN, nil
+}
+
 func (t *target) rpcAddTarget(_ context.Context, p *addTarget) (any, error) {
-	if p.Ctrlr == "" {
-		return nil, invalid("ctrlr: required")
+	n, err := p.check(true)
+	if err != nil {
+		return nil, err
 	}
 	if p.BdevName == "" {
 		return nil, invalid("bdev_name: required")
-	}
-	n, err := targetNum(p.SCSITargetNum, true)
-	if err != nil {
-		return nil, err
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -579,53 +599,26 @@ func (t *target) rpcAddTarget(_ context.Context, p *addTarget) (any, error) {
 }
 
 func (t *target) rpcRemoveTarget(_ context.Context, p *removeTarget) (any, error) {
-	if p.Ctrlr == "" {
-		return nil, invalid("ctrlr: required")
-	}
-	n, err := targetNum(p.SCSITargetNum, false)
+	n, err := p.check(false)
 	if err != nil {
 		return nil, err
 	}
 	return true, t.removeLUNs(p.Ctrlr, uint8(n), -1, "rpc")
 }
 
-func lunNum(p *int) (int, error) {
-	switch {
-	case p == nil:
-		return 0, invalid("lun: required")
-	case *p < 0 || *p > config.LUNMax:
-		return 0, invalid("lun: %d is out of range 0..%d", *p, config.LUNMax)
-	}
-	return *p, nil
-}
-
 func (t *target) rpcAddLUN(_ context.Context, p *addLUN) (any, error) {
-	if p.Ctrlr == "" {
-		return nil, invalid("ctrlr: required")
+	n, l, err := p.check()
+	if err != nil {
+		return nil, err
 	}
 	if p.BdevName == "" {
 		return nil, invalid("bdev_name: required")
-	}
-	n, err := targetNum(p.SCSITargetNum, false)
-	if err != nil {
-		return nil, err
-	}
-	l, err := lunNum(p.LUN)
-	if err != nil {
-		return nil, err
 	}
 	return true, t.addLUN(p.Ctrlr, config.LUN{Target: uint8(n), LUN: uint16(l), Bdev: p.BdevName}, "rpc")
 }
 
 func (t *target) rpcRemoveLUN(_ context.Context, p *removeLUN) (any, error) {
-	if p.Ctrlr == "" {
-		return nil, invalid("ctrlr: required")
-	}
-	n, err := targetNum(p.SCSITargetNum, false)
-	if err != nil {
-		return nil, err
-	}
-	l, err := lunNum(p.LUN)
+	n, l, err := p.check()
 	if err != nil {
 		return nil, err
 	}
