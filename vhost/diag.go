@@ -14,9 +14,10 @@ type QueueState struct {
 	Session  uint64
 	Vring    int
 	Reactor  int
-	InFlight int // requests taken and not yet completed
-	Kick     int // kick eventfd, -1 when polling only
-	Call     int // call eventfd, -1 when none
+	InFlight int    // requests taken and not yet completed
+	Kick     int    // kick eventfd, -1 when polling only
+	Call     int    // call eventfd, -1 when none
+	Signals  uint64 // writes to the call eventfds since the queue started
 	Broken   bool
 	Stopping bool
 	Ring     virtq.State
@@ -35,7 +36,7 @@ func (c *Controller) QueueStates() []QueueState {
 		var st QueueState
 		if q.r.Call(func() {
 			st = QueueState{Session: q.s.id, Vring: q.idx, Reactor: q.r.ID(), InFlight: q.inflight, Kick: q.kick,
-				Call: q.call, Broken: q.broken, Stopping: q.stopping, Ring: q.vq.State()}
+				Call: q.call, Signals: q.st.Signals, Broken: q.broken, Stopping: q.stopping, Ring: q.vq.State()}
 		}) == nil {
 			out = append(out, st)
 		}

@@ -23,6 +23,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"vhost-target/cmd/vhost-target/guest"
 	"vhost-target/rpc"
 )
@@ -217,9 +219,11 @@ dmesg | grep -ciE 'i/o error|blk_update_request|reset|abort' || true
 	done := make(chan struct{})
 	var res *guest.Result
 	var rerr error
+	gctx, gcancel := context.WithCancel(context.Background())
+	defer gcancel()
 	go func() {
 		defer close(done)
-		res, rerr = guest.Run(context.Background(), guest.Options{Image: img, QEMU: q, MemoryMiB: 768,
+		res, rerr = guest.Run(gctx, guest.Options{Image: img, QEMU: q, MemoryMiB: 768,
 			Console:     multiWriter{start, synced},
 			Controllers: []guest.Controller{{Socket: d.sock, Reconnect: 100 * time.Millisecond}},
 			Timeout:     6 * time.Minute, Script: script})
@@ -257,6 +261,17 @@ dmesg | grep -ciE 'i/o error|blk_update_request|reset|abort' || true
 					stallMu.Lock()
 					fmt.Fprintf(&stall, "no SYNCHRONIZE CACHE for 20 s after %d; queue states: %+v (err %v)\n", n, st, err)
 					stallMu.Unlock()
+				}
+				// Tell a lost interrupt from a lost completion: write the
+				// call eventfd the target holds, from outside, and see if
+				// the guest goes on.
+				msg := signalCallFDs(d.cmd.Process.Pid, d.rpc)
+				revived := synced.waitBeyond(n, 15*time.Second, done)
+				stallMu.Lock()
+				fmt.Fprintf(&stall, "%s\nguest resumed within 15 s after that: %v\n", msg, revived)
+				stallMu.Unlock()
+				if !revived {
+					gcancel() // nothing more to learn from this guest
 				}
 				d.cmd.Process.Signal(syscall.SIGUSR1)
 				return
@@ -364,7 +379,13 @@ func (s *syncWatcher) next(done <-chan struct{}) bool {
 	s.mu.Lock()
 	n := s.count
 	s.mu.Unlock()
-	deadline := time.Now().Add(30 * time.Second)
+	return s.waitBeyond(n, 30*time.Second, done)
+}
+
+// waitBeyond waits up to d for a count above n; false when none came or
+// done was closed.
+func (s *syncWatcher) waitBeyond(n int, d time.Duration, done <-chan struct{}) bool {
+	deadline := time.Now().Add(d)
 	for time.Now().Before(deadline) {
 		s.mu.Lock()
 		c := s.count
@@ -379,6 +400,70 @@ func (s *syncWatcher) next(done <-chan struct{}) bool {
 		}
 	}
 	return false
+}
+
+// signalCallFDs writes 1 to each running queue's call eventfd, taken from
+// the target process with pidfd_getfd, and reports what it found: the
+// eventfd's count before the write, and which other processes (QEMU) hold
+// the same eventfd (matched by eventfd-id in fdinfo).
+func signalCallFDs(pid int, rpcSock string) string {
+	c, err := rpc.Dial(rpcSock)
+	if err != nil {
+		return fmt.Sprintf("signal: rpc: %v", err)
+	}
+	var sts []struct {
+		Vring, Call int
+		Signals     uint64
+	}
+	err = c.Call(context.Background(), "vhost_get_queue_states", nil, &sts)
+	c.Close()
+	if err != nil {
+		return fmt.Sprintf("signal: states: %v", err)
+	}
+	pidfd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return fmt.Sprintf("signal: pidfd_open: %v", err)
+	}
+	defer unix.Close(pidfd)
+	var out strings.Builder
+	for _, st := range sts {
+		if st.Call < 0 {
+			continue
+		}
+		info, _ := os.ReadFile(fmt.Sprintf("/proc/%d/fdinfo/%d", pid, st.Call))
+		id := fdinfoField(string(info), "eventfd-id")
+		fmt.Fprintf(&out, "vring %d call fd %d (signals %d) %s count %s; held by:", st.Vring, st.Call, st.Signals, id,
+			fdinfoField(string(info), "eventfd-count"))
+		procs, _ := filepath.Glob("/proc/[0-9]*/fdinfo/*")
+		for _, f := range procs {
+			if strings.HasPrefix(f, fmt.Sprintf("/proc/%d/", pid)) {
+				continue
+			}
+			b, err := os.ReadFile(f)
+			if err == nil && id != "" && fdinfoField(string(b), "eventfd-id") == id {
+				comm, _ := os.ReadFile(filepath.Join(filepath.Dir(filepath.Dir(f)), "comm"))
+				fmt.Fprintf(&out, " %s %s (count %s)", strings.TrimSpace(string(comm)), f, fdinfoField(string(b), "eventfd-count"))
+			}
+		}
+		fd, err := unix.PidfdGetfd(pidfd, st.Call, 0)
+		if err != nil {
+			fmt.Fprintf(&out, "; pidfd_getfd: %v\n", err)
+			continue
+		}
+		_, err = unix.Write(fd, []byte{1, 0, 0, 0, 0, 0, 0, 0})
+		unix.Close(fd)
+		fmt.Fprintf(&out, "; wrote 1 (err %v)\n", err)
+	}
+	return out.String()
+}
+
+func fdinfoField(info, key string) string {
+	for _, l := range strings.Split(info, "\n") {
+		if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == key {
+			return strings.TrimSpace(v)
+		}
+	}
+	return ""
 }
 
 type multiWriter []interface{ Write([]byte) (int, error) }
