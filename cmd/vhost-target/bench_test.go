@@ -22,11 +22,7 @@ import (
 )
 
 func TestBenchPrecondition(t *testing.T) {
-	dir, err := os.MkdirTemp("/tmp", "vt-bench-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(dir)
+	dir := shortTempDir(t, "vt-bench-")
 	text := fmt.Sprintf(`socket_dir = %q
 [metrics]
 listen = ""

@@ -35,21 +35,22 @@ func qemu10(t *testing.T) *guest.QEMU {
 	return q
 }
 
-// qemu10Config serves one controller from a file, so a restarted target
-// serves the data the guest wrote before.
-func qemu10Config(path string) string {
+// oneLUNConfig serves controller c0 with one LUN, bdev f0 of type typ
+// ("file" or "aio") on path, so a restarted target serves the data the
+// guest wrote before; /metrics on metrics ("" none).
+func oneLUNConfig(typ, path, size, metrics string) string {
 	return fmt.Sprintf(`
 [metrics]
-listen = ""
+listen = %q
 [reactors]
 cpus = [0]
 poll = "adaptive"
 [[bdev]]
 name = "f0"
-type = "file"
+type = %q
 path = %q
 create = true
-size = "128MiB"
+size = %q
 block_size = 512
 [[controller]]
 name = "c0"
@@ -58,7 +59,7 @@ num_queues = 1
 target = 0
 lun = 0
 bdev = "f0"
-`, path)
+`, metrics, typ, path, size)
 }
 
 // TestGuestQEMU10 boots the guest under QEMU 10 with its own firmware
@@ -70,11 +71,7 @@ bdev = "f0"
 func TestGuestQEMU10(t *testing.T) {
 	img := guestImage(t)
 	q := qemu10(t)
-	dir, err := os.MkdirTemp("/tmp", "vt-q10-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := shortTempDir(t, "vt-q10-")
 	debugcon := filepath.Join(dir, "seabios.log")
 	started := newMarker("Failed to connect")
 	done := make(chan struct{})
@@ -105,7 +102,7 @@ echo verify-ok
 		t.Fatalf("QEMU 10 did not wait for the socket: %v\n%s", rerr, consoleOf(res))
 	default:
 	}
-	tg := startTargetWith(t, qemu10Config(filepath.Join(dir, "disk")), targetOpts{dir: dir})
+	tg := startTargetWith(t, oneLUNConfig("file", filepath.Join(dir, "disk"), "128MiB", ""), targetOpts{dir: dir})
 	<-done
 	if rerr != nil || res.ExitCode != 0 {
 		t.Fatalf("guest: %v\n%s", rerr, consoleOf(res))
@@ -226,12 +223,8 @@ func TestGuestQEMU10RestartProbe(t *testing.T) {
 }
 
 func probeRestart(t *testing.T, img *guest.Image, q *guest.QEMU, mode string) {
-	dir, err := os.MkdirTemp("/tmp", "vt-q10-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	cfg := strings.Replace(qemu10Config(filepath.Join(dir, "disk")), `bdev = "f0"`, `bdev = "e0"`, 1) + `
+	dir := shortTempDir(t, "vt-q10-")
+	cfg := strings.Replace(oneLUNConfig("file", filepath.Join(dir, "disk"), "128MiB", ""), `bdev = "f0"`, `bdev = "e0"`, 1) + `
 [[bdev]]
 name = "e0"
 type = "error"

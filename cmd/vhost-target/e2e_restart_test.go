@@ -90,31 +90,6 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 	return l.w.Write(p)
 }
 
-// restartConfig serves one LUN of bdev type typ ("file" or "aio") from disk,
-// with /metrics on metrics (host:port).
-func restartConfig(sockDir, disk, typ, metrics string) string {
-	return fmt.Sprintf(`socket_dir = %q
-[metrics]
-listen = %q
-[reactors]
-cpus = [0]
-poll = "adaptive"
-[[bdev]]
-name = "d0"
-type = %q
-path = %q
-create = true
-size = "256MiB"
-block_size = 512
-[[controller]]
-name = "c0"
-num_queues = 1
-[[controller.lun]]
-target = 0
-bdev = "d0"
-`, sockDir, metrics, typ, disk)
-}
-
 // clatOutliers reads the guest's fio completion-latency outliers ("clat
 // TIME_MS NSEC" lines: completion time since fio started, latency).
 func clatOutliers(console string) (at []int64, lat []time.Duration) {
@@ -166,11 +141,7 @@ func testRestarts(t *testing.T, typ string, signals []syscall.Signal, syncFirst 
 	}
 	img := guestImage(t)
 	q := qemu10(t)
-	dir, err := os.MkdirTemp("/tmp", "vt-rs-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := shortTempDir(t, "vt-rs-")
 	disk := filepath.Join(backingDir(t), "restart.img")
 	cfg := filepath.Join(dir, "t.toml")
 	ln, err := net.Listen("tcp", "127.0.0.1:0") // a free port for the instances' /metrics
@@ -179,7 +150,7 @@ func testRestarts(t *testing.T, typ string, signals []syscall.Signal, syncFirst 
 	}
 	metricsAddr := ln.Addr().String()
 	ln.Close()
-	text := restartConfig(dir, disk, typ, metricsAddr)
+	text := fmt.Sprintf("socket_dir = %q\n", dir) + oneLUNConfig(typ, disk, "256MiB", metricsAddr)
 	// VHOST_TARGET_RESTART_POLL=busy runs the reactor busy-polling (the
 	// open hang of issue 11 happens with both poll modes).
 	if p := os.Getenv("VHOST_TARGET_RESTART_POLL"); p != "" {

@@ -91,15 +91,23 @@ func startTarget(t *testing.T, text string) *e2eTarget {
 	return startTargetWith(t, text, targetOpts{})
 }
 
+// shortTempDir makes a directory under /tmp, removed when the test ends:
+// t.TempDir's paths can be too long for a unix socket's 108 bytes.
+func shortTempDir(t *testing.T, prefix string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("/tmp", prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
 func startTargetWith(t *testing.T, text string, o targetOpts) *e2eTarget {
 	t.Helper()
 	dir := o.dir
 	if dir == "" {
-		var err error
-		if dir, err = os.MkdirTemp("/tmp", "vt-e2e-"); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { os.RemoveAll(dir) })
+		dir = shortTempDir(t, "vt-e2e-")
 	}
 	cfg, err := config.Parse([]byte(fmt.Sprintf("socket_dir = %q\n", dir)+text), t.Name())
 	if err != nil {

@@ -274,11 +274,7 @@ type daemon struct {
 func startDaemon(t *testing.T, cfg string) *daemon {
 	t.Helper()
 	bin := buildBinary(t)
-	dir, err := os.MkdirTemp("/tmp", "vt-daemon-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := shortTempDir(t, "vt-daemon-")
 	path := filepath.Join(dir, "target.toml")
 	if err := os.WriteFile(path, []byte(fmt.Sprintf("socket_dir = %q\n", filepath.Join(dir, "sock"))+cfg), 0o600); err != nil {
 		t.Fatal(err)
