@@ -760,14 +760,7 @@ func (d *Device) Reconnect(socket string) error {
 	var restart []int
 	for i, q := range d.vrings {
 		q.mu.Lock()
-		if q.kickFD >= 0 {
-			unix.Close(q.kickFD)
-			q.kickFD = -1
-		}
-		if q.callFD >= 0 {
-			unix.Close(q.callFD)
-			q.callFD = -1
-		}
+		q.closeFDs()
 		if q.started {
 			q.base = q.UsedIdx()
 			restart = append(restart, i)
@@ -999,14 +992,7 @@ func (d *Device) release() {
 		d.conn.Close()
 	}
 	for _, q := range d.vrings {
-		if q.kickFD >= 0 {
-			unix.Close(q.kickFD)
-			q.kickFD = -1
-		}
-		if q.callFD >= 0 {
-			unix.Close(q.callFD)
-			q.callFD = -1
-		}
+		q.closeFDs()
 		q.started = false
 	}
 	if d.mem != nil {

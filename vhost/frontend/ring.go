@@ -559,3 +559,16 @@ func (q *Queue) WaitCallFD(d time.Duration) bool {
 	n, err := unix.Poll(fds[:], int(d/time.Millisecond))
 	return err == nil && n == 1
 }
+
+// closeFDs closes the kick and call eventfds (a dead connection's: a new
+// back-end gets new ones).
+func (q *Queue) closeFDs() {
+	if q.kickFD >= 0 {
+		unix.Close(q.kickFD)
+		q.kickFD = -1
+	}
+	if q.callFD >= 0 {
+		unix.Close(q.callFD)
+		q.callFD = -1
+	}
+}
