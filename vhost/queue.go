@@ -80,7 +80,10 @@ type queue struct {
 	// only waits for the bdev IOs in flight, whose completions go nowhere).
 	crashed bool
 	now     int64 // time of the current Poll: one clock read per poll, not per request
-	wakeFDs []int // adaptive mode: completion eventfd per channel (-1 none), watched by the reactor
+	// unnotifiedSince is when an idle poll first found the driver waiting
+	// for a notification it was not sent (checkUnnotified); 0 when not.
+	unnotifiedSince int64
+	wakeFDs         []int // adaptive mode: completion eventfd per channel (-1 none), watched by the reactor
 
 	// Counters written only by the owning reactor; read through reactor.Call.
 	rq    int // request queue number (vring index - 2)
@@ -290,8 +293,43 @@ func (q *queue) Poll() int {
 	if q.pending > 0 {
 		q.publish()
 	}
+	if work == 0 {
+		q.checkUnnotified()
+	}
 	q.st.Polls++
 	return work
+}
+
+// renotifyAfter is how long the driver may ask for a notification it was
+// not sent before we send it anyway. A driver that re-reads used->idx
+// after re-enabling notifications (as it must) leaves that state within
+// microseconds; one that does not would wait forever (virtq.Unnotified).
+const renotifyAfter = int64(time.Millisecond)
+
+// checkUnnotified, on an idle poll, sends the notification a driver has
+// been waiting for for renotifyAfter. The reactor does not sleep meanwhile
+// (Arm), and wakes at least once a second from a sleep, so a driver that
+// missed one is served within a second at worst.
+func (q *queue) checkUnnotified() {
+	if !q.vq.Unnotified() {
+		q.unnotifiedSince = 0
+		return
+	}
+	if q.unnotifiedSince == 0 {
+		q.unnotifiedSince = q.now
+		return
+	}
+	if q.now-q.unnotifiedSince < renotifyAfter {
+		return
+	}
+	q.unnotifiedSince = 0
+	q.st.Renotified++
+	if q.st.Renotified <= 10 {
+		st := q.vq.State()
+		q.s.log.Warn("driver waited for a notification it was not sent; sending it", "vring", q.idx,
+			"used_idx", st.UsedIdx, "used_event", st.UsedEvent, "notified", st.Notified, "decisions", st.Decisions)
+	}
+	q.signal()
 }
 
 // pollCrashed is Poll after SimulateCrash: completions were reaped (their
@@ -368,6 +406,7 @@ func (q *queue) publish() {
 }
 
 func (q *queue) signal() {
+	q.vq.Renotify()
 	if q.call >= 0 {
 		unix.Write(q.call, callValue[:])
 		q.st.Signals++
@@ -376,7 +415,7 @@ func (q *queue) signal() {
 
 // Arm lets an adaptive reactor sleep: enable kicks, then look again.
 func (q *queue) Arm() bool {
-	if q.stopping || q.crashed || q.kick < 0 || !q.canSleepInFlight() {
+	if q.stopping || q.crashed || q.kick < 0 || !q.canSleepInFlight() || q.unnotifiedSince != 0 {
 		return false
 	}
 	if q.broken {

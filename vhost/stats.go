@@ -78,6 +78,7 @@ type QueueCounters struct {
 	BadRequests     uint64 // chains too short for the virtio-scsi headers, or bidirectional
 	TransportErrors uint64 // responses other than VIRTIO_SCSI_S_OK (bad target, bad LUN)
 	Broken          uint64 // times the queue was marked broken
+	Renotified      uint64 // notifications the driver waited for and was sent late (queue.checkUnnotified)
 }
 
 func (a *QueueCounters) add(b *QueueCounters) {
@@ -88,6 +89,7 @@ func (a *QueueCounters) add(b *QueueCounters) {
 	a.BadRequests += b.BadRequests
 	a.TransportErrors += b.TransportErrors
 	a.Broken += b.Broken
+	a.Renotified += b.Renotified
 }
 
 // ControllerStats gathers the counters of a controller's queues. Live queues

@@ -36,6 +36,7 @@ var (
 	dBadRequests    = desc("bad_requests_total", "Chains too short for virtio-scsi headers, or bidirectional.", "controller")
 	dTransportErrs  = desc("transport_errors_total", "Responses other than VIRTIO_SCSI_S_OK (bad target or LUN).", "controller")
 	dBroken         = desc("broken_queues_total", "Virtqueues marked broken by a misbehaving driver.", "controller")
+	dRenotified     = desc("late_notifications_total", "Interrupts a driver waited for without having been sent one (its used_event store raced our used index; see virtq.Unnotified), sent after 1 ms.", "controller")
 	dProtocolErrors = desc("protocol_errors_total", "vhost-user connections closed for a bad message.", "controller")
 	dConnections    = desc("connections_total", "vhost-user connections accepted.", "controller")
 	dSessions       = desc("sessions", "Connected front-ends.", "controller")
@@ -78,18 +79,20 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 				float64(l.LatencyNanos)/1e9, buckets, lv...)
 			ch <- prometheus.MustNewConstMetric(dInFlight, prometheus.GaugeValue, float64(l.InFlight), lv...)
 		}
-		var bad, badReq, tr, broken uint64
+		var bad, badReq, tr, broken, late uint64
 		for q, qc := range s.Queues {
 			counter(dQueueRequests, qc.Requests, n, strconv.Itoa(q))
 			bad += qc.BadChains
 			badReq += qc.BadRequests
 			tr += qc.TransportErrors
 			broken += qc.Broken
+			late += qc.Renotified
 		}
 		counter(dBadChains, bad, n)
 		counter(dBadRequests, badReq, n)
 		counter(dTransportErrs, tr, n)
 		counter(dBroken, broken, n)
+		counter(dRenotified, late, n)
 		counter(dProtocolErrors, s.ProtocolErrors, n)
 		counter(dConnections, s.Connections, n)
 		counter(dRefused, s.Refused, n)

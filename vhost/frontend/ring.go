@@ -383,12 +383,18 @@ func (q *Queue) SetInterrupts(on bool) {
 	atomic.StoreUint32(q.availWord, uint32(q.availFlags)|uint32(q.published)<<16)
 }
 
+// SetUsedEvent writes used_event as given: a test plays a driver that has
+// consumed only up to v and asks to be told of what follows.
+func (q *Queue) SetUsedEvent(v uint16) { atomic.StoreUint32(q.usedEventWord, uint32(v)) }
+
 func (q *Queue) writeUsedEvent() {
 	ev := q.lastUsed
 	if q.intrOff {
-		// One behind what we consumed: the device would signal only after
-		// 65535 more completions (Linux writes a similar far-away value).
-		ev = q.lastUsed - 1
+		// Half the index space ahead of what we consumed: the device would
+		// signal only after 32768 more completions. (A value behind would
+		// read as a driver waiting for completions it has consumed, which
+		// the device answers with a late notification: virtq.Unnotified.)
+		ev = q.lastUsed + 0x8000
 	}
 	atomic.StoreUint32(q.usedEventWord, uint32(ev))
 }

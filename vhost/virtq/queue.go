@@ -93,6 +93,17 @@ type Queue struct {
 	signalled      uint16
 	signalledValid bool // false until the first decision: the first Publish after New always notifies
 	sinceSignal    uint32
+
+	notified  uint16      // used index at the last notification (Publish true, or Renotify)
+	decisions [4]Decision // the last EVENT_IDX decisions, for diagnostics (State)
+	decided   uint8       // next slot in decisions
+}
+
+// Decision is one EVENT_IDX notification decision of Publish: used_event as
+// loaded, the published range [Old, New), and the outcome.
+type Decision struct {
+	UsedEvent, Old, New uint16
+	Notify              bool
 }
 
 // New validates a ring configuration and translates its three parts once. The used index is read back from
@@ -322,20 +333,51 @@ func (q *Queue) Publish() (notify bool) {
 	// The sequentially consistent store in flush and the load below form the full barrier the spec requires.
 	old, since := q.signalled, q.sinceSignal
 	q.signalled, q.sinceSignal = q.usedIdx, 0
-	if !q.signalledValid {
+	switch {
+	case !q.signalledValid:
 		q.signalledValid = true
-		return true
-	}
-	if !q.eventIdx {
+		notify = true
+	case !q.eventIdx:
 		flags := load16(q.avail, 0)
-		return flags&availFNoInterrupt == 0
+		notify = flags&availFNoInterrupt == 0
+	case since > 0xffff: // more than 16 bits of progress: the window test below would be meaningless
+		notify = true
+	default:
+		usedEvent := load16(q.avail, 4+2*int(q.size))
+		notify = needEvent(usedEvent, q.usedIdx, old)
+		q.decisions[q.decided%uint8(len(q.decisions))] = Decision{usedEvent, old, q.usedIdx, notify}
+		q.decided++
 	}
-	if since > 0xffff { // more than 16 bits of progress: the window test below would be meaningless
-		return true
+	if notify {
+		q.notified = q.usedIdx
 	}
-	usedEvent := load16(q.avail, 4+2*int(q.size))
-	return needEvent(usedEvent, q.usedIdx, old)
+	return notify
 }
+
+// Unnotified reports whether the driver now asks for a notification it was
+// not sent: elements were published since the last notification, and
+// used_event (EVENT_IDX) lies among them, or (without EVENT_IDX)
+// interrupts are no longer suppressed. A driver sees no such state for
+// long: before it waits it re-reads used->idx after re-enabling
+// notifications, with a full barrier between (virtio 1.2 §2.7.10), and
+// finds those elements. One whose barrier does not reach us does not: QEMU
+// TCG with one vCPU emits the guest's `lock add` (Linux's virt_mb) without
+// a host barrier, so its used_event store can pass its used->idx load and
+// both sides miss each other; that guest waits forever. The caller polls
+// this when idle and, when it stays true, calls Renotify and signals.
+// It loads one word of guest memory.
+func (q *Queue) Unnotified() bool {
+	if !q.signalledValid || q.pending != 0 || q.notified == q.usedIdx {
+		return false
+	}
+	if q.eventIdx {
+		return needEvent(load16(q.avail, 4+2*int(q.size)), q.usedIdx, q.notified)
+	}
+	return load16(q.avail, 0)&availFNoInterrupt == 0
+}
+
+// Renotify records that the caller notifies the driver now, outside Publish.
+func (q *Queue) Renotify() { q.notified = q.usedIdx }
 
 // needEvent is vring_need_event: notify when used_event lies in [old, new), computed in wrapping uint16.
 func needEvent(event, new, old uint16) bool {
@@ -376,8 +418,10 @@ type State struct {
 	UsedEvent  uint16 // with EVENT_IDX: the driver's used_event (it wants a call when used->idx passes it)
 	AvailEvent uint16 // with EVENT_IDX: avail_event as the device left it (the driver kicks when avail->idx passes it)
 	EventIdx   bool
-	Signalled  uint16 // used index at the last notification decision
-	Resubmit   int    // recovered heads still to be taken (inflight tracking)
+	Signalled  uint16     // used index at the last notification decision
+	Notified   uint16     // used index at the last notification sent
+	Decisions  []Decision // the last EVENT_IDX decisions, oldest first
+	Resubmit   int        // recovered heads still to be taken (inflight tracking)
 	Broken     string
 }
 
@@ -386,7 +430,12 @@ type State struct {
 func (q *Queue) State() State {
 	flags, idx := halves(atomic.LoadUint32(word(q.avail, 0)))
 	s := State{LastAvail: q.lastAvail, AvailIdx: idx, AvailFlags: flags, UsedIdx: q.usedIdx, UsedFlags: q.usedFlags,
-		Pending: q.pending, EventIdx: q.eventIdx, Signalled: q.signalled}
+		Pending: q.pending, EventIdx: q.eventIdx, Signalled: q.signalled, Notified: q.notified}
+	for i := range len(q.decisions) {
+		if d := q.decisions[(int(q.decided)+i)%len(q.decisions)]; d != (Decision{}) {
+			s.Decisions = append(s.Decisions, d)
+		}
+	}
 	if q.eventIdx {
 		s.UsedEvent = load16(q.avail, 4+2*int(q.size))
 		s.AvailEvent = load16(q.used, 4+usedElemBytes*int(q.size))

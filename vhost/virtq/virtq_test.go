@@ -541,6 +541,71 @@ func TestEventIdxNotify(t *testing.T) {
 	}
 }
 
+// TestUnnotified: a driver whose used_event store became visible only after
+// Publish read the old one (a missing barrier on its side) waits for
+// elements it was never notified of; Unnotified reports that state, and
+// only that one.
+func TestUnnotified(t *testing.T) {
+	for _, eventIdx := range []bool{true, false} {
+		d := vt.New(8, 1<<16)
+		d.Features.EventIdx = eventIdx
+		q := newQueue(t, d)
+		var c virtq.Chain
+		pushN := func(n int) {
+			for range n {
+				d.Add(vt.Desc{Addr: d.Boundary, Len: 1})
+				mustPop(t, q, &c)
+				q.Push(c.Head, 0)
+			}
+		}
+		if q.Unnotified() {
+			t.Fatal("nothing published yet")
+		}
+		pushN(1)
+		q.Publish() // the first one notifies: used idx 1
+		if q.Unnotified() {
+			t.Fatalf("event_idx %v: everything published was notified", eventIdx)
+		}
+		// The driver suppresses interrupts while it works: used_event left
+		// behind (0) or NO_INTERRUPT set.
+		d.SetUsedEvent(0)
+		d.SetAvailFlags(1)
+		pushN(2)
+		if q.Publish() {
+			t.Fatalf("event_idx %v: notified while suppressed", eventIdx)
+		}
+		if q.Unnotified() {
+			t.Fatalf("event_idx %v: the driver has not asked yet", eventIdx)
+		}
+		// It asks now, for elements already published (used_event 1: it has
+		// seen 1 of the 3), and then misses used->idx 3.
+		d.SetUsedEvent(1)
+		d.SetAvailFlags(0)
+		if !q.Unnotified() {
+			t.Fatalf("event_idx %v: a driver waiting for published elements was not seen", eventIdx)
+		}
+		q.Renotify()
+		if q.Unnotified() {
+			t.Fatalf("event_idx %v: still unnotified after Renotify", eventIdx)
+		}
+		if eventIdx {
+			// A driver that has seen everything (used_event = used idx) waits
+			// for nothing.
+			pushN(1)
+			d.SetUsedEvent(0)
+			q.Publish()
+			d.SetUsedEvent(4)
+			if q.Unnotified() {
+				t.Fatal("used_event at used idx: nothing to notify")
+			}
+			st := q.State()
+			if len(st.Decisions) == 0 || st.Decisions[len(st.Decisions)-1] != (virtq.Decision{UsedEvent: 0, Old: 3, New: 4}) {
+				t.Fatalf("decisions: %+v", st.Decisions)
+			}
+		}
+	}
+}
+
 func TestSetNotification(t *testing.T) {
 	d := vt.New(8, 1<<16)
 	d.SetUsedIdx(5)
