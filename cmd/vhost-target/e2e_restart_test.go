@@ -185,6 +185,7 @@ awk -F, '$2 > 50000000 { printf "clat %.0f %.0f\n", $1, $2 }' /tmp/l_clat.1.log
 sec dmesg
 dmesg | grep -ciE 'i/o error|blk_update_request|reset|abort' || true
 `
+	traceFile := filepath.Join(dir, "qemu-trace.log")
 	start := newMarker("fio-start")
 	synced := &syncWatcher{}
 	done := make(chan struct{})
@@ -197,7 +198,11 @@ dmesg | grep -ciE 'i/o error|blk_update_request|reset|abort' || true
 		res, rerr = guest.Run(gctx, guest.Options{Image: img, QEMU: q, MemoryMiB: 768,
 			Console:     multiWriter{start, synced},
 			Controllers: []guest.Controller{{Socket: d.sock, Reconnect: 100 * time.Millisecond}},
-			Timeout:     6 * time.Minute, Script: script})
+			// QEMU's vhost-user messages and the interrupts it raises: a
+			// failure shows the last of them.
+			QEMUArgs: []string{"-D", traceFile, "-trace", "vhost_user_write", "-trace", "virtio_pci_notify",
+				"-trace", "vhost_user_event"},
+			Timeout: 6 * time.Minute, Script: script})
 	}()
 	select {
 	case <-start.seen:
@@ -285,7 +290,20 @@ dmesg | grep -ciE 'i/o error|blk_update_request|reset|abort' || true
 		d.cmd.Wait()
 		stallMu.Lock()
 		defer stallMu.Unlock()
-		t.Fatalf("guest: %v\n%s\nstall: %s\ntarget metrics:\n%s\ntarget log:\n%s", rerr, consoleOf(res), stall.String(), state.String(), d.log())
+		trace, _ := os.ReadFile(traceFile)
+		if lines := strings.Split(string(trace), "\n"); len(lines) > 60 {
+			trace = []byte(strings.Join(lines[len(lines)-60:], "\n"))
+		}
+		t.Fatalf("guest: %v\n%s\nstall: %s\ntarget metrics:\n%s\ntarget log:\n%s\nQEMU trace (last lines):\n%s", rerr, consoleOf(res),
+			stall.String(), state.String(), d.log(), trace)
+	}
+	// Interrupts the guest waited for without having been sent one
+	// (virtq.Unnotified): with QEMU TCG and one vCPU its barrier does not
+	// reach us, and before the late notification such a run hung.
+	for _, l := range strings.Split(d.log(), "\n") {
+		if strings.Contains(l, "notification it was not sent") {
+			t.Logf("late notification: %s", l)
+		}
 	}
 	sec := sections(res.Console)
 	if !strings.Contains(sec["fio"], "fio-ok") {
