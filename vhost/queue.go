@@ -80,10 +80,10 @@ type queue struct {
 	// only waits for the bdev IOs in flight, whose completions go nowhere).
 	crashed bool
 	now     int64 // time of the current Poll: one clock read per poll, not per request
-	// unnotifiedSince is when an idle poll first found the driver waiting
-	// for a notification it was not sent (checkUnnotified); 0 when not.
-	unnotifiedSince int64
-	wakeFDs         []int // adaptive mode: completion eventfd per channel (-1 none), watched by the reactor
+	// idleSince is when the current stretch of polls without work began
+	// (or the last look for a missed notification in it); 0 while busy.
+	idleSince int64
+	wakeFDs   []int // adaptive mode: completion eventfd per channel (-1 none), watched by the reactor
 
 	// Counters written only by the owning reactor; read through reactor.Call.
 	rq    int // request queue number (vring index - 2)
@@ -293,36 +293,39 @@ func (q *queue) Poll() int {
 	if q.pending > 0 {
 		q.publish()
 	}
-	if work == 0 {
-		q.checkUnnotified()
-	}
+	q.idle(work)
 	q.st.Polls++
 	return work
 }
 
-// renotifyAfter is how long the driver may ask for a notification it was
-// not sent before we send it anyway. A driver that re-reads used->idx
-// after re-enabling notifications (as it must) leaves that state within
-// microseconds; one that does not would wait forever (virtq.Unnotified).
+// renotifyAfter is how long a queue stays idle before it looks whether the
+// driver waits for a notification it was not sent, and how often it looks
+// again while idle. A driver that re-reads used->idx after re-enabling
+// notifications (as it must) leaves that state within microseconds; one
+// whose barrier does not reach us would wait forever (virtq.Unnotified).
+// Only idle stretches pay for the look (one load of guest memory a
+// millisecond): a loaded queue never reaches it.
 const renotifyAfter = int64(time.Millisecond)
 
-// checkUnnotified, on an idle poll, sends the notification a driver has
-// been waiting for for renotifyAfter. The reactor does not sleep meanwhile
-// (Arm), and wakes at least once a second from a sleep, so a driver that
-// missed one is served within a second at worst.
-func (q *queue) checkUnnotified() {
+// idle tracks idle stretches and, every renotifyAfter of one, sends the
+// notification the driver waits for, if it does (and Arm keeps an adaptive
+// reactor awake while it does, so this runs).
+func (q *queue) idle(work int) {
+	if work > 0 {
+		q.idleSince = 0
+		return
+	}
+	if q.idleSince == 0 {
+		q.idleSince = q.now
+		return
+	}
+	if q.now-q.idleSince < renotifyAfter {
+		return
+	}
+	q.idleSince = q.now
 	if !q.vq.Unnotified() {
-		q.unnotifiedSince = 0
 		return
 	}
-	if q.unnotifiedSince == 0 {
-		q.unnotifiedSince = q.now
-		return
-	}
-	if q.now-q.unnotifiedSince < renotifyAfter {
-		return
-	}
-	q.unnotifiedSince = 0
 	q.st.Renotified++
 	if q.st.Renotified <= 10 {
 		st := q.vq.State()
@@ -415,7 +418,7 @@ func (q *queue) signal() {
 
 // Arm lets an adaptive reactor sleep: enable kicks, then look again.
 func (q *queue) Arm() bool {
-	if q.stopping || q.crashed || q.kick < 0 || !q.canSleepInFlight() || q.unnotifiedSince != 0 {
+	if q.stopping || q.crashed || q.kick < 0 || !q.canSleepInFlight() || q.vq.Unnotified() {
 		return false
 	}
 	if q.broken {
