@@ -131,14 +131,6 @@ func pauses(console string, restarts []int64, threshold time.Duration) []time.Du
 // watches for stalls); with syncFirst the target is killed right after one
 // completed.
 func testRestarts(t *testing.T, typ string, signals []syscall.Signal, syncFirst bool) {
-	if os.Getenv("VHOST_TARGET_RESTART") == "" {
-		// Not yet part of make test: about one run in four of
-		// TestGuestRestartAIOSync hangs the guest some seconds after a
-		// SIGKILL restart (every request published, the guest waiting for
-		// completions it was not told of; see vhost_get_queue_states in the
-		// failure output). Issue 11 stays open until that is found.
-		t.Skip("set VHOST_TARGET_RESTART=1: known intermittent guest hang after a SIGKILL restart (issue 11)")
-	}
 	img := guestImage(t)
 	q := qemu10(t)
 	dir := shortTempDir(t, "vt-rs-")
@@ -151,8 +143,7 @@ func testRestarts(t *testing.T, typ string, signals []syscall.Signal, syncFirst 
 	metricsAddr := ln.Addr().String()
 	ln.Close()
 	text := fmt.Sprintf("socket_dir = %q\n", dir) + oneLUNConfig(typ, disk, "256MiB", metricsAddr)
-	// VHOST_TARGET_RESTART_POLL=busy runs the reactor busy-polling (the
-	// open hang of issue 11 happens with both poll modes).
+	// VHOST_TARGET_RESTART_POLL=busy runs the reactor busy-polling.
 	if p := os.Getenv("VHOST_TARGET_RESTART_POLL"); p != "" {
 		text = strings.Replace(text, `poll = "adaptive"`, fmt.Sprintf("poll = %q", p), 1)
 	}
