@@ -504,18 +504,24 @@ func TestNeedEvent(t *testing.T) {
 	}
 }
 
-func TestEventIdxNotify(t *testing.T) {
-	d := vt.New(8, 1<<16)
-	d.Features.EventIdx = true
-	q := newQueue(t, d)
+// pusher returns a function that makes n one-descriptor chains available,
+// takes them and pushes them as used (not published).
+func pusher(t *testing.T, d *vt.Driver, q *virtq.Queue) func(n int) {
 	var c virtq.Chain
-	pushN := func(n int) {
+	return func(n int) {
 		for range n {
 			d.Add(vt.Desc{Addr: d.Boundary, Len: 1})
 			mustPop(t, q, &c)
 			q.Push(c.Head, 0)
 		}
 	}
+}
+
+func TestEventIdxNotify(t *testing.T) {
+	d := vt.New(8, 1<<16)
+	d.Features.EventIdx = true
+	q := newQueue(t, d)
+	pushN := pusher(t, d, q)
 	pushN(1)
 	if !q.Publish() { // used idx 1; first publish always notifies
 		t.Fatal("first Publish must notify")
@@ -550,14 +556,7 @@ func TestUnnotified(t *testing.T) {
 		d := vt.New(8, 1<<16)
 		d.Features.EventIdx = eventIdx
 		q := newQueue(t, d)
-		var c virtq.Chain
-		pushN := func(n int) {
-			for range n {
-				d.Add(vt.Desc{Addr: d.Boundary, Len: 1})
-				mustPop(t, q, &c)
-				q.Push(c.Head, 0)
-			}
-		}
+		pushN := pusher(t, d, q)
 		if q.Unnotified() {
 			t.Fatal("nothing published yet")
 		}
