@@ -129,6 +129,7 @@ const (
 	ConfigMaxSize         = 256
 	InflightSize          = 20 // GET/SET_INFLIGHT_FD fields without the C struct's tail padding
 	InflightWireSize      = 24 // sizeof(VhostUserInflight) as QEMU sends and expects it
+	LogSize               = 16 // SET_LOG_BASE: mmap_size, mmap_offset
 	SingleMemRegionSize   = 8 + MemRegionSize
 	MemoryHeaderSize      = 8
 	U64Size               = 8
@@ -359,6 +360,8 @@ func BodySize(m *Msg) (int, bool) {
 		return SingleMemRegionSize, true
 	case GetInflightFD, SetInflightFD:
 		return InflightWireSize, true
+	case SetLogBase:
+		return LogSize, true
 	case SetMemTable:
 		if len(m.Payload) < MemoryHeaderSize {
 			return 0, false
@@ -535,6 +538,28 @@ func DecodeConfig(m *Msg) (Config, []byte, error) {
 		return c, nil, sizeErr(m.Request, len(m.Payload), ConfigHeaderSize+int(c.Size))
 	}
 	return c, data, nil
+}
+
+// Log is the SET_LOG_BASE payload (vhost-user.rst "Log description"): the
+// dirty page log's size and offset in the fd that comes with it.
+type Log struct {
+	MmapSize, MmapOffset uint64
+}
+
+// DecodeLog decodes a log description.
+func DecodeLog(m *Msg) (Log, error) {
+	if len(m.Payload) < LogSize {
+		return Log{}, sizeErr(m.Request, len(m.Payload), LogSize)
+	}
+	return Log{binary.LittleEndian.Uint64(m.Payload), binary.LittleEndian.Uint64(m.Payload[8:])}, nil
+}
+
+// Encode encodes a log description.
+func (l Log) Encode() []byte {
+	b := make([]byte, LogSize)
+	binary.LittleEndian.PutUint64(b, l.MmapSize)
+	binary.LittleEndian.PutUint64(b[8:], l.MmapOffset)
+	return b
 }
 
 // Inflight is the GET_INFLIGHT_FD / SET_INFLIGHT_FD payload (vhost-user.rst
