@@ -29,6 +29,7 @@ import (
 	"sync/atomic"
 	"unsafe"
 
+	"vhost-target/vhost/dirtylog"
 	"vhost-target/vhost/guestmem"
 )
 
@@ -65,6 +66,10 @@ type Config struct {
 	// head taken is marked in it and cleared when published, and New recovers from it, replacing LastAvail
 	// with the ring's used index plus the heads still in flight, which Pop returns first.
 	Inflight []byte
+	// Log, when not nil, is the dirty page log (live migration, VHOST_F_LOG_ALL): every write of the used
+	// ring is marked in it at UsedLogGPA, the ring's guest-physical address (SET_VRING_ADDR's log_guest_addr).
+	Log        *dirtylog.Log
+	UsedLogGPA uint64
 }
 
 // Queue is the device side of one split virtqueue.
@@ -83,6 +88,9 @@ type Queue struct {
 	broken      error  // sticky ring-level error
 
 	inf *inflight // inflight I/O tracking (INFLIGHT_SHMFD); nil when not negotiated
+
+	log     *dirtylog.Log // dirty page log while the VM migrates; nil otherwise
+	usedLog uint64        // guest-physical address of the used ring, for log
 
 	usedIdx   uint16 // used->idx as last stored
 	usedFlags uint16 // used->flags as last stored (the device owns both halves of that word)
@@ -134,7 +142,7 @@ func New(mem *guestmem.Table, c Config) (*Queue, error) {
 		availLen, usedLen = (availLen+3)&^3, (usedLen+3)&^3
 	}
 	q := &Queue{mem: mem, size: uint16(c.Size), mask: uint16(c.Size - 1), eventIdx: c.EventIdx,
-		indirect: c.Indirect, lastAvail: c.LastAvail}
+		indirect: c.Indirect, lastAvail: c.LastAvail, log: c.Log, usedLog: c.UsedLogGPA}
 	var err error
 	if q.desc, err = mem.UVA(c.DescUVA, descLen); err != nil {
 		return nil, fmt.Errorf("%w: descriptor table: %w", ErrRingUnmapped, err)
@@ -217,7 +225,12 @@ func store16(b []byte, off int, v uint16) {
 func (q *Queue) loadUsedWord() (flags, idx uint16) { return halves(atomic.LoadUint32(word(q.used, 0))) }
 
 // storeUsedWord publishes used->flags and used->idx in one atomic (sequentially consistent) store.
-func (q *Queue) storeUsedWord() { atomic.StoreUint32(word(q.used, 0), join(q.usedFlags, q.usedIdx)) }
+func (q *Queue) storeUsedWord() {
+	atomic.StoreUint32(word(q.used, 0), join(q.usedFlags, q.usedIdx))
+	if q.log != nil {
+		q.log.Mark(q.usedLog, 4)
+	}
+}
 
 // refreshAvail loads avail->idx and checks it: at most size entries may be outstanding (rust-vmm
 // AvailIter::new, QEMU "Guest moved used index"). A driver that moves the index backwards also lands here.
@@ -297,6 +310,9 @@ func (q *Queue) Push(head uint16, written uint32) {
 	off := 4 + usedElemBytes*int((q.usedIdx+q.pending)&q.mask)
 	binary.LittleEndian.PutUint32(q.used[off:], uint32(head))
 	binary.LittleEndian.PutUint32(q.used[off+4:], written)
+	if q.log != nil {
+		q.log.Mark(q.usedLog+uint64(off), usedElemBytes)
+	}
 	q.pending++
 	if q.inf != nil {
 		q.inf.storeNext(head)
@@ -394,7 +410,11 @@ func needEvent(event, new, old uint16) bool {
 func (q *Queue) SetNotification(enable bool) {
 	if q.eventIdx {
 		if enable {
-			store16(q.used, 4+usedElemBytes*int(q.size), load16(q.avail, 2))
+			off := 4 + usedElemBytes*int(q.size)
+			store16(q.used, off, load16(q.avail, 2))
+			if q.log != nil {
+				q.log.Mark(q.usedLog+uint64(off), 2)
+			}
 		}
 		return
 	}

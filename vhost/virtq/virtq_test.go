@@ -8,9 +8,11 @@ import (
 	"errors"
 	"math"
 	"testing"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
+	"vhost-target/vhost/dirtylog"
 	"vhost-target/vhost/guestmem"
 	"vhost-target/vhost/virtq"
 	vt "vhost-target/vhost/virtq/virtqtest"
@@ -771,5 +773,85 @@ func BenchmarkPopPush(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		cycle()
+	}
+}
+
+// TestUsedRingLogged: with a dirty page log, every write of the used ring
+// (elements, flags and index, avail_event) marks its pages, at the ring's
+// guest-physical address; without one nothing is marked.
+func TestUsedRingLogged(t *testing.T) {
+	d := vt.New(1024, 1<<16) // a used ring of 8 KiB: three pages
+	d.Features.EventIdx = true
+	bits := make([]uint64, 1<<10)
+	log := dirtylog.FromBytes(unsafe.Slice((*byte)(unsafe.Pointer(&bits[0])), len(bits)*8))
+	cfg := d.Config()
+	cfg.Log, cfg.UsedLogGPA = log, d.UsedGPA
+	q, err := virtq.New(d.Table, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	page := func(gpa uint64) uint64 { return gpa / dirtylog.PageSize }
+	marked := func() []uint64 {
+		var out []uint64
+		for p := uint64(0); p < log.Pages(); p++ {
+			if log.Marked(p) {
+				out = append(out, p)
+			}
+		}
+		return out
+	}
+	if m := marked(); len(m) != 0 {
+		t.Fatalf("marked before any write: %v", m)
+	}
+	// Take 1000 chains, complete only the last: its element lies 8004
+	// bytes into the used ring.
+	var c virtq.Chain
+	var last uint16
+	for range 1000 {
+		d.Add(vt.Desc{Addr: d.Boundary, Len: 1})
+		mustPop(t, q, &c)
+		last = c.Head
+	}
+	q.Push(last, 1)
+	elem := d.UsedGPA + 4 + 8*0 // the first used slot: used idx is 0
+	want := []uint64{page(elem)}
+	if m := marked(); len(m) != 1 || m[0] != want[0] {
+		t.Fatalf("after Push: %v, want %v", m, want)
+	}
+	// Advance the used index so that the next element lands on a later page.
+	for range 999 {
+		q.Push(last, 1) // the same head: the queue does not check, and only the ring bytes matter here
+	}
+	q.Publish()
+	hdr := page(d.UsedGPA)
+	elemLast := page(d.UsedGPA + 4 + 8*999)
+	q.SetNotification(true) // avail_event after the 1024 elements
+	event := page(d.UsedGPA + 4 + 8*1024)
+	m := marked()
+	for _, p := range []uint64{hdr, elemLast, event} {
+		found := false
+		for _, x := range m {
+			found = found || x == p
+		}
+		if !found {
+			t.Fatalf("page %d not marked (header %d, last element %d, avail_event %d): %v", p, hdr, elemLast, event, m)
+		}
+	}
+	for _, x := range m {
+		if x < hdr || x > event {
+			t.Fatalf("page %d marked outside the used ring (%d..%d)", x, hdr, event)
+		}
+	}
+
+	// No log: nothing marked, and no allocation either way.
+	clear(bits)
+	d2 := vt.New(8, 1<<16)
+	q2 := newQueue(t, d2)
+	d2.Add(vt.Desc{Addr: d2.Boundary, Len: 1})
+	mustPop(t, q2, &c)
+	q2.Push(c.Head, 1)
+	q2.Publish()
+	if m := marked(); len(m) != 0 {
+		t.Fatalf("marked without a log: %v", m)
 	}
 }
