@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -406,6 +407,27 @@ func (t *Table) GPA(gpa, n uint64) ([]byte, error) { return t.lookup("gpa", gpa,
 // UVA returns the host bytes for front-end virtual range [uva, uva+n) when it lies inside one region (vring
 // addresses in SET_VRING_ADDR are UVAs).
 func (t *Table) UVA(uva, n uint64) ([]byte, error) { return t.lookup("uva", uva, n) }
+
+// HostGPA returns the guest physical address of host bytes b, which must lie in one of the table's regions
+// (a segment AppendGPA returned), and whether they do. It scans the regions: for the dirty page log while a
+// VM migrates, not for every request.
+func (t *Table) HostGPA(b []byte) (uint64, bool) {
+	if len(b) == 0 {
+		return 0, false
+	}
+	p := uintptr(unsafe.Pointer(&b[0]))
+	for i := range t.regions {
+		r := &t.regions[i]
+		if len(r.host) == 0 {
+			continue
+		}
+		base := uintptr(unsafe.Pointer(&r.host[0]))
+		if p >= base && p-base < uintptr(len(r.host)) && uint64(p-base)+uint64(len(b)) <= uint64(len(r.host)) {
+			return r.GPA + uint64(p-base), true
+		}
+	}
+	return 0, false
+}
 
 // AppendGPA appends to dst the host segments covering [gpa, gpa+n), one per region crossed (a buffer may span
 // adjacent regions, as SPDK's vhost_vring_desc_payload_to_iov allows). It fails without appending when any

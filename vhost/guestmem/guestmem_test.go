@@ -87,6 +87,41 @@ func TestLookupEdges(t *testing.T) {
 	}
 }
 
+// TestHostGPA: the segments AppendGPA returns map back to their guest
+// physical addresses; bytes outside the table do not.
+func TestHostGPA(t *testing.T) {
+	tb, mem := twoRegions(t)
+	segs, err := tb.AppendGPA(nil, 0x1ff0, 0x20, 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, want := range []uint64{0x1ff0, 0x2000} {
+		if gpa, ok := tb.HostGPA(segs[i]); !ok || gpa != want {
+			t.Fatalf("segment %d: %#x %v, want %#x", i, gpa, ok, want)
+		}
+	}
+	if gpa, ok := tb.HostGPA(mem[2][0xfff:]); !ok || gpa != 0x10_0fff {
+		t.Fatalf("last byte of region 2: %#x %v", gpa, ok)
+	}
+	if _, ok := tb.HostGPA(make([]byte, 8)); ok {
+		t.Fatal("bytes outside the table found")
+	}
+	if _, ok := tb.HostGPA(nil); ok {
+		t.Fatal("empty slice found")
+	}
+	// Region 1 is the tail of a larger slice (MmapOffset 0x100): its first
+	// 0x100 bytes are not guest memory.
+	if _, ok := tb.HostGPA(mem[1][:0x10]); ok {
+		t.Fatal("bytes before region 1's offset found")
+	}
+	if gpa, ok := tb.HostGPA(mem[1][0x1000:0x1100]); !ok || gpa != 0x2f00 {
+		t.Fatalf("the last 0x100 bytes of region 1: %#x %v", gpa, ok)
+	}
+	if n := testing.AllocsPerRun(100, func() { tb.HostGPA(segs[1]) }); n != 0 {
+		t.Fatalf("HostGPA allocates %v", n)
+	}
+}
+
 func TestAppendGPASplits(t *testing.T) {
 	tb, mem := twoRegions(t)
 	dst := make([][]byte, 1, 8)
