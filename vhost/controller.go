@@ -51,6 +51,10 @@ type Config struct {
 	Reactors []*reactor.Reactor
 	LUNs     []LUNSpec
 	Logger   *slog.Logger
+	// Migration offers VHOST_F_LOG_ALL and protocol feature LOG_SHMFD: dirty
+	// page logging, which QEMU needs to live-migrate the VM (migration.go).
+	// Off until the migration guest tests of issue 12 pass.
+	Migration bool
 }
 
 // MaxQueues bounds the request queues of one session (vring index < 2+MaxQueues).

@@ -413,7 +413,7 @@ func msgCases() []msgCase {
 		{name: "request 99", setup: setupNegotiate, send: msgOnly(99, make([]byte, 8)), want: "unsupported request REQUEST_99 (99)"},
 		{name: "request 0xffffffff", setup: setupNone, send: msgOnly(0xffffffff, nil), want: "(4294967295)"},
 		{name: "SET_LOG_BASE never offered", setup: setupMemory, send: msgOnly(proto.SetLogBase, make([]byte, 16)),
-			want: "unsupported request SET_LOG_BASE"},
+			want: "SET_LOG_BASE without protocol feature LOG_SHMFD"},
 
 		// Header flags.
 		{name: "version 0", setup: setupNone,

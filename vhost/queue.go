@@ -9,6 +9,7 @@ import (
 	"vhost-target/bdev"
 	"vhost-target/reactor"
 	"vhost-target/scsi"
+	"vhost-target/vhost/dirtylog"
 	"vhost-target/vhost/virtq"
 )
 
@@ -80,6 +81,10 @@ type queue struct {
 	// only waits for the bdev IOs in flight, whose completions go nowhere).
 	crashed bool
 	now     int64 // time of the current Poll: one clock read per poll, not per request
+	// log is the session's dirty page log while it migrates (migration.go):
+	// the pages each request wrote are marked in it. Fixed for the queue's
+	// life (a change restarts the ring).
+	log *dirtylog.Log
 	// idleSince is when the current stretch of polls without work began
 	// (or the last look for a missed notification in it); 0 while busy.
 	idleSince int64
@@ -106,6 +111,9 @@ func startQueue(s *session, v *vring, vq *virtq.Queue) (*queue, error) {
 		heads:   make([]uint64, (int(vq.Size())+63)/64),
 		scratch: make([]byte, scsi.ScratchSize),
 		rq:      rq,
+	}
+	if s.logging() {
+		q.log = s.dirty
 	}
 	for i := range q.slots {
 		req := &q.slots[i]
@@ -612,6 +620,9 @@ func errorKind(c *scsi.Cmd) ErrorKind {
 
 // finish pushes the used element and recycles the slot.
 func (q *queue) finish(r *request, written uint32) {
+	if q.log != nil && written > 0 {
+		q.markWritten(r, written)
+	}
 	h := r.chain.Head
 	q.heads[h/64] &^= 1 << (h % 64)
 	q.vq.Push(h, written)

@@ -55,11 +55,20 @@ func (e *env) disk(name string, size uint64, bs uint32) *malloc.Disk {
 }
 
 func (e *env) controller(name string, nq int, luns ...vhost.LUNSpec) string {
+	return e.controllerWith(name, nq, nil, luns...)
+}
+
+// controllerWith is controller with a change to its Config (nil: none).
+func (e *env) controllerWith(name string, nq int, change func(*vhost.Config), luns ...vhost.LUNSpec) string {
 	sock := filepath.Join(e.t.TempDir(), name)
-	c, err := vhost.NewController(vhost.Config{
+	cfg := vhost.Config{
 		Name: name, SocketPath: sock, NumQueues: nq, Reactors: e.r, LUNs: luns, SocketUID: -1, SocketGID: -1,
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
-	})
+	}
+	if change != nil {
+		change(&cfg)
+	}
+	c, err := vhost.NewController(cfg)
 	if err != nil {
 		e.t.Fatal(err)
 	}

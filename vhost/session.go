@@ -14,6 +14,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"vhost-target/vhost/dirtylog"
 	"vhost-target/vhost/guestmem"
 	"vhost-target/vhost/proto"
 	"vhost-target/vhost/virtq"
@@ -78,7 +79,9 @@ type session struct {
 	// inflightArea is the inflight I/O tracking area (inflight.go), nil
 	// until GET_INFLIGHT_FD or SET_INFLIGHT_FD.
 	inflightArea *inflightArea
-	broken       bool
+	// dirty is the dirty page log (migration.go), nil until SET_LOG_BASE.
+	dirty  *dirtylog.Log
+	broken bool
 
 	// live lists the running request queues for the control queue's
 	// goroutine (task management waits for their in-flight requests).
@@ -152,6 +155,8 @@ func wantFDs(m *proto.Msg) (min, max int) {
 		return 1, 1
 	case proto.SetLogFD, proto.SetBackendReqFD, proto.AddMemReg, proto.SetInflightFD:
 		return 1, 1
+	case proto.SetLogBase:
+		return 0, 1 // one with LOG_SHMFD, which setLogBase requires
 	case proto.RemMemReg:
 		return 0, 1 // QEMU before 7.1 sent the region's fd; the spec now says none
 	}
@@ -173,16 +178,16 @@ func (s *session) handle(m *proto.Msg) error {
 	var err error
 	switch m.Request {
 	case proto.GetFeatures:
-		err, replied = s.conn.ReplyU64(m.Request, offeredFeatures), true
+		err, replied = s.conn.ReplyU64(m.Request, s.offered()), true
 	case proto.SetFeatures:
 		err = s.setFeatures(m)
 	case proto.GetProtocolFeatures:
-		err, replied = s.conn.ReplyU64(m.Request, offeredProtocolFeatures), true
+		err, replied = s.conn.ReplyU64(m.Request, s.offeredProtocol()), true
 	case proto.SetProtocolFeatures:
 		var v uint64
 		if v, err = proto.U64(m); err == nil {
 			// Bits we never offered are ignored rather than fatal (notes A.5).
-			s.protoFeatures = v & offeredProtocolFeatures
+			s.protoFeatures = v & s.offeredProtocol()
 		}
 	case proto.GetQueueNum:
 		err, replied = s.conn.ReplyU64(m.Request, uint64(2+s.c.cfg.NumQueues)), true
@@ -226,6 +231,8 @@ func (s *session) handle(m *proto.Msg) error {
 		err, replied = s.getInflightFD(m), true
 	case proto.SetInflightFD:
 		err = s.setInflightFD(m)
+	case proto.SetLogBase:
+		err, replied = s.setLogBase(m), true
 	case proto.SetLogFD, proto.SetBackendReqFD:
 		// Not offered; accept and drop the fd (closed by the caller).
 	default:
@@ -252,9 +259,13 @@ func (s *session) setFeatures(m *proto.Msg) error {
 	}
 	// Extra bits such as VIRTIO_F_RING_RESET or ANY_LAYOUT arrive unoffered from
 	// QEMU 7.2; they change nothing we do, so they are tolerated.
+	before := s.features
 	s.features = v
 	s.featuresAcked = true
 	s.negotiated.Store(v)
+	if err := s.logChanged(before); err != nil {
+		return err
+	}
 	// Without PROTOCOL_FEATURES rings are enabled as soon as they start.
 	return s.updateAll()
 }
@@ -499,13 +510,15 @@ func (s *session) update(v *vring) error {
 		s.stop(v)
 		return nil
 	}
-	vq, err := virtq.New(s.mem, virtq.Config{
+	cfg := virtq.Config{
 		Size: v.num, DescUVA: v.addr.Desc, AvailUVA: v.addr.Avail, UsedUVA: v.addr.Used,
 		LastAvail: v.base,
 		EventIdx:  s.features&(1<<proto.FRingEventIdx) != 0,
 		Indirect:  s.features&(1<<proto.FRingIndirectDesc) != 0,
 		Inflight:  s.inflightRegion(v),
-	})
+	}
+	s.ringLog(v, &cfg)
+	vq, err := virtq.New(s.mem, cfg)
 	if err != nil {
 		return protoErr("vring %d: %v", v.idx, err)
 	}
@@ -583,6 +596,10 @@ func (s *session) reset() {
 	// on a device reset and asks for a new one at the next start).
 	s.inflightArea.close()
 	s.inflightArea = nil
+	if err := s.dirty.Close(); err != nil {
+		s.log.Warn("unmapping the dirty page log", "err", err)
+	}
+	s.dirty = nil
 	for i := range s.vrings {
 		v := &s.vrings[i]
 		if v.kick >= 0 {

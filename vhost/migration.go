@@ -1,0 +1,110 @@
+package vhost
+
+// Dirty page logging for live migration (issue 12): VHOST_F_LOG_ALL with
+// protocol feature LOG_SHMFD. While the front-end has LOG_ALL set and has
+// given a log (SET_LOG_BASE), every write into guest memory is marked in it
+// after it is made: data read from a bdev and response headers (queue.finish),
+// used rings (virtq, through SET_VRING_ADDR's log address). Turning logging
+// on or off, or a new log, restarts the running rings (drained first, as for
+// a new inflight area), so a queue's log never changes under its reactor.
+
+import (
+	"vhost-target/vhost/dirtylog"
+	"vhost-target/vhost/proto"
+	"vhost-target/vhost/virtq"
+)
+
+// offered returns the virtio features this controller offers.
+func (s *session) offered() uint64 {
+	if s.c.cfg.Migration {
+		return offeredFeatures | 1<<proto.FLogAll
+	}
+	return offeredFeatures
+}
+
+// offeredProtocol returns the protocol features this controller offers.
+func (s *session) offeredProtocol() uint64 {
+	if s.c.cfg.Migration {
+		return offeredProtocolFeatures | 1<<proto.PFLogShmFD
+	}
+	return offeredProtocolFeatures
+}
+
+// logging reports whether writes must be marked: LOG_ALL negotiated and a
+// log given.
+func (s *session) logging() bool {
+	return s.features&(1<<proto.FLogAll) != 0 && s.dirty != nil
+}
+
+// setLogBase maps the log the front-end sends (with LOG_SHMFD: an fd, its
+// size and offset) and answers, as QEMU waits for an answer to this one.
+func (s *session) setLogBase(m *proto.Msg) error {
+	if s.protoFeatures&(1<<proto.PFLogShmFD) == 0 {
+		return protoErr("SET_LOG_BASE without protocol feature LOG_SHMFD")
+	}
+	if len(m.FDs) != 1 {
+		return protoErr("SET_LOG_BASE without the log's fd")
+	}
+	l, err := proto.DecodeLog(m)
+	if err != nil {
+		return err
+	}
+	log, err := dirtylog.Map(m.FDs[0], l.MmapSize, l.MmapOffset)
+	if err != nil {
+		return protoErr("SET_LOG_BASE: %v", err)
+	}
+	running := s.stopAll()
+	old := s.dirty
+	s.dirty = log
+	if err := old.Close(); err != nil {
+		s.log.Warn("unmapping the previous dirty page log", "err", err)
+	}
+	s.log.Info("dirty page log received", "bytes", l.MmapSize, "covers_gib", float64(log.Pages())*dirtylog.PageSize/(1<<30),
+		"logging", s.logging())
+	for _, v := range running {
+		if err := s.update(v); err != nil {
+			return err
+		}
+	}
+	return s.conn.ReplyU64(m.Request, 0)
+}
+
+// logChanged restarts the running rings when SET_FEATURES turned LOG_ALL on
+// or off, so that they start, or stop, marking their writes.
+func (s *session) logChanged(before uint64) error {
+	if (before^s.features)&(1<<proto.FLogAll) == 0 {
+		return nil
+	}
+	s.log.Info("dirty page logging", "on", s.features&(1<<proto.FLogAll) != 0, "log", s.dirty != nil)
+	for _, v := range s.stopAll() {
+		if err := s.update(v); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// ringLog sets the log of vring v's used ring in c: only while logging, and
+// only when the front-end asked for it (VHOST_VRING_F_LOG in SET_VRING_ADDR,
+// with the used ring's guest-physical address).
+func (s *session) ringLog(v *vring, c *virtq.Config) {
+	if s.logging() && v.addr.Flags&proto.VringAddrFlagLogUsed != 0 {
+		c.Log, c.UsedLogGPA = s.dirty, v.addr.Log
+	}
+}
+
+// markWritten marks the guest pages a completed request wrote: its
+// device-writable segments, up to written bytes.
+func (q *queue) markWritten(r *request, written uint32) {
+	left := uint64(written)
+	for _, seg := range r.chain.Writable() {
+		if left == 0 {
+			return
+		}
+		n := min(uint64(len(seg)), left)
+		if gpa, ok := q.s.mem.HostGPA(seg); ok {
+			q.log.Mark(gpa, n)
+		}
+		left -= n
+	}
+}
