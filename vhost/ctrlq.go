@@ -64,7 +64,7 @@ func (cq *ctrlQueue) run() {
 			if !ok {
 				break
 			}
-			cq.vq.Push(c.Head, cq.handle(&c))
+			cq.push(&c, cq.handle(&c))
 		}
 		cq.publish()
 		// With EVENT_IDX the driver kicks only when avail->idx passes

@@ -202,7 +202,7 @@ func (eq *eventQueue) deliver() bool {
 		copy(b[4:12], ev.lun[:])
 		binary.LittleEndian.PutUint32(b[12:], ev.reason)
 		scatter(c.Writable(), b[:])
-		eq.vq.Push(c.Head, eventSize)
+		eq.push(&c, eventSize)
 		eq.s.events.delivered(ev)
 		eq.s.log.Debug("event delivered", "event", ev.event, "target", ev.lun[1], "reason", ev.reason)
 	}

@@ -10,6 +10,7 @@ package vhost
 
 import (
 	"vhost-target/vhost/dirtylog"
+	"vhost-target/vhost/guestmem"
 	"vhost-target/vhost/proto"
 	"vhost-target/vhost/virtq"
 )
@@ -96,15 +97,30 @@ func (s *session) ringLog(v *vring, c *virtq.Config) {
 // markWritten marks the guest pages a completed request wrote: its
 // device-writable segments, up to written bytes.
 func (q *queue) markWritten(r *request, written uint32) {
+	markSegments(q.log, q.s.mem, r.chain.Writable(), written)
+}
+
+// markSegments marks the pages of segs (host bytes of guest memory mem) up
+// to written bytes in log.
+func markSegments(log *dirtylog.Log, mem *guestmem.Table, segs [][]byte, written uint32) {
 	left := uint64(written)
-	for _, seg := range r.chain.Writable() {
+	for _, seg := range segs {
 		if left == 0 {
 			return
 		}
 		n := min(uint64(len(seg)), left)
-		if gpa, ok := q.s.mem.HostGPA(seg); ok {
-			q.log.Mark(gpa, n)
+		if gpa, ok := mem.HostGPA(seg); ok {
+			log.Mark(gpa, n)
 		}
 		left -= n
 	}
+}
+
+// push completes a side queue's chain: its written bytes are marked while
+// logging, then the used element is pushed.
+func (sq *sideQueue) push(c *virtq.Chain, written uint32) {
+	if sq.log != nil && written > 0 {
+		markSegments(sq.log, sq.s.mem, c.Writable(), written)
+	}
+	sq.vq.Push(c.Head, written)
 }

@@ -7,6 +7,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"vhost-target/vhost/dirtylog"
 	"vhost-target/vhost/virtq"
 )
 
@@ -21,6 +22,7 @@ type sideQueue struct {
 
 	mu   sync.Mutex // guards call against setCall from the control plane
 	call int
+	log  *dirtylog.Log // the session's dirty page log while it migrates (migration.go)
 
 	quit chan struct{}
 	done chan struct{}
@@ -30,6 +32,9 @@ type sideQueue struct {
 // netpoller, so the goroutine parks instead of holding a thread.
 func (sq *sideQueue) init(s *session, v *vring, vq *virtq.Queue) {
 	sq.s, sq.vq, sq.call = s, vq, v.call
+	if s.logging() {
+		sq.log = s.dirty
+	}
 	sq.quit, sq.done = make(chan struct{}), make(chan struct{})
 	if v.kick >= 0 {
 		if dup, err := unix.Dup(v.kick); err == nil {
