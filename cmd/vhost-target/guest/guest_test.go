@@ -3,6 +3,7 @@ package guest
 import (
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"io"
 	"net"
@@ -31,6 +32,49 @@ func testImage(t *testing.T) *Image {
 		t.Fatal(err)
 	}
 	return img
+}
+
+// TestGuestQMP: a guest with Options.QMP answers QMP commands while it runs
+// (the migration tests drive QEMU through it).
+func TestGuestQMP(t *testing.T) {
+	img := testImage(t)
+	sock := filepath.Join(t.TempDir(), "qmp")
+	done := make(chan struct{})
+	var res *Result
+	var err error
+	go func() {
+		defer close(done)
+		res, err = Run(context.Background(), Options{Image: img, QMP: sock, Timeout: 2 * time.Minute,
+			Script: "while [ ! -e /tmp/stop ]; do sleep 0.1; [ $(cut -d. -f1 /proc/uptime) -gt 60 ] && exit 3; done; exit 0"})
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	q, qerr := DialQMP(ctx, sock)
+	if qerr != nil {
+		t.Fatal(qerr)
+	}
+	defer q.Close()
+	ret, qerr := q.Execute("query-status", nil)
+	if qerr != nil {
+		t.Fatal(qerr)
+	}
+	var st struct {
+		Status string `json:"status"`
+	}
+	if json.Unmarshal(ret, &st) != nil || st.Status != "running" {
+		t.Fatalf("query-status: %s", ret)
+	}
+	if _, qerr := q.Execute("no-such-command", nil); qerr == nil || !strings.Contains(qerr.Error(), "CommandNotFound") {
+		t.Fatalf("an unknown command: %v", qerr)
+	}
+	// End the guest: quit through QMP.
+	if _, qerr := q.Execute("quit", nil); qerr != nil && !strings.Contains(qerr.Error(), "EOF") {
+		t.Fatal(qerr)
+	}
+	<-done
+	if err == nil && res.ExitCode != -1 {
+		t.Fatalf("the guest reported %d after quit", res.ExitCode)
+	}
 }
 
 func TestGuestBoots(t *testing.T) {

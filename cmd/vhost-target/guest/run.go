@@ -68,9 +68,12 @@ type Options struct {
 	// QEMU up to Boots times; each boot reruns /test.sh with BOOT=n. A boot
 	// beyond Boots is an error. 0 or 1: -no-reboot, a reboot ends QEMU.
 	Boots      int
-	KernelArgs string    // appended to the kernel command line
-	QEMUArgs   []string  // appended to QEMU's command line (e.g. -trace)
-	Console    io.Writer // optional live copy of the serial console
+	KernelArgs string   // appended to the kernel command line
+	QEMUArgs   []string // appended to QEMU's command line (e.g. -trace)
+	// QMP, when set, is a unix socket path QEMU serves its monitor protocol
+	// on (DialQMP).
+	QMP     string
+	Console io.Writer // optional live copy of the serial console
 }
 
 // Result of a guest run. Console is filled even when Run returns an error.
@@ -260,6 +263,9 @@ func qemuArgs(o Options, initrd, token string) []string {
 			cmdline += " " + o.KernelArgs
 		}
 		a = append(a, "-kernel", o.Image.Kernel, "-initrd", initrd, "-append", cmdline)
+	}
+	if o.QMP != "" {
+		a = append(a, "-qmp", "unix:"+o.QMP+",server=on,wait=off")
 	}
 	return append(a, o.QEMUArgs...)
 }
