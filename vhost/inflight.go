@@ -145,15 +145,11 @@ func (s *session) setInflightFD(m *proto.Msg) error {
 // replaceInflight makes a the session's area. Running rings hold slices of the old one: they are drained
 // and stopped first, and restart on the new one.
 func (s *session) replaceInflight(a *inflightArea) error {
-	running := s.stopAll()
-	s.inflightArea.close()
-	s.inflightArea = a
-	for _, v := range running {
-		if err := s.update(v); err != nil {
-			return err
-		}
-	}
-	return nil
+	return s.restartAround(func() error {
+		s.inflightArea.close()
+		s.inflightArea = a
+		return nil
+	})
 }
 
 // inflightRegion returns the region vring v tracks its requests in, or nil. Only request queues are tracked:

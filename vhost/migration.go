@@ -54,19 +54,18 @@ func (s *session) setLogBase(m *proto.Msg) error {
 	if err != nil {
 		return protoErr("SET_LOG_BASE: %v", err)
 	}
-	running := s.stopAll()
-	old := s.dirty
-	s.dirty = log
-	if err := old.Close(); err != nil {
-		s.log.Warn("unmapping the previous dirty page log", "err", err)
+	err = s.restartAround(func() error {
+		if err := s.dirty.Close(); err != nil {
+			s.log.Warn("unmapping the previous dirty page log", "err", err)
+		}
+		s.dirty = log
+		return nil
+	})
+	if err != nil {
+		return err
 	}
 	s.log.Info("dirty page log received", "bytes", l.MmapSize, "covers_gib", float64(log.Pages())*dirtylog.PageSize/(1<<30),
 		"logging", s.logging())
-	for _, v := range running {
-		if err := s.update(v); err != nil {
-			return err
-		}
-	}
 	return s.conn.ReplyU64(m.Request, 0)
 }
 
@@ -77,12 +76,7 @@ func (s *session) logChanged(before uint64) error {
 		return nil
 	}
 	s.log.Info("dirty page logging", "on", s.features&(1<<proto.FLogAll) != 0, "log", s.dirty != nil)
-	for _, v := range s.stopAll() {
-		if err := s.update(v); err != nil {
-			return err
-		}
-	}
-	return nil
+	return s.restartAround(func() error { return nil })
 }
 
 // ringLog sets the log of vring v's used ring in c: only while logging, and

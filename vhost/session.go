@@ -301,19 +301,19 @@ func (s *session) setMemTable(m *proto.Msg) error {
 	}
 	// Quiesce every running ring before the old mappings go away: requests in
 	// flight write into guest memory.
-	running := s.stopAll()
-	t, err := guestmem.Map(gr, m.FDs)
-	if err != nil {
-		return protoErr("SET_MEM_TABLE: %v", err)
-	}
-	if s.mem != nil {
-		s.mem.Close()
-	}
-	s.mem = t
-	for _, v := range running {
-		if err := s.update(v); err != nil {
-			return err
+	err = s.restartAround(func() error {
+		t, err := guestmem.Map(gr, m.FDs)
+		if err != nil {
+			return protoErr("SET_MEM_TABLE: %v", err)
 		}
+		if s.mem != nil {
+			s.mem.Close()
+		}
+		s.mem = t
+		return nil
+	})
+	if err != nil {
+		return err
 	}
 	return s.updateAll()
 }
@@ -328,23 +328,24 @@ func (s *session) changeMemReg(m *proto.Msg) error {
 		return err
 	}
 	gr := guestmem.Region{GPA: r.GPA, Size: r.Size, UVA: r.UVA, MmapOffset: r.MmapOffset}
-	running := s.stopAll()
-	var t *guestmem.Table
-	if m.Request == proto.AddMemReg {
-		t, err = guestmem.Add(s.mem, gr, m.FDs[0])
-	} else {
-		t, err = guestmem.Remove(s.mem, gr)
-	}
-	if err != nil {
-		return protoErr("%v: %v", m.Request, err)
-	}
-	s.mem = t
-	s.log.Debug("memory region changed", "request", m.Request.String(), "gpa", r.GPA, "size", r.Size,
-		"regions", len(t.Regions()))
-	for _, v := range running {
-		if err := s.update(v); err != nil {
-			return err
+	err = s.restartAround(func() error {
+		var t *guestmem.Table
+		var err error
+		if m.Request == proto.AddMemReg {
+			t, err = guestmem.Add(s.mem, gr, m.FDs[0])
+		} else {
+			t, err = guestmem.Remove(s.mem, gr)
 		}
+		if err != nil {
+			return protoErr("%v: %v", m.Request, err)
+		}
+		s.mem = t
+		s.log.Debug("memory region changed", "request", m.Request.String(), "gpa", r.GPA, "size", r.Size,
+			"regions", len(t.Regions()))
+		return nil
+	})
+	if err != nil {
+		return err
 	}
 	return s.updateAll()
 }
@@ -577,6 +578,23 @@ func (s *session) stop(v *vring) {
 }
 
 // stopAll stops every running ring and returns them.
+// restartAround drains and stops the running rings, applies change (which
+// swaps something they hold slices of: guest memory, the inflight area, the
+// dirty page log) and starts them again on it. An error from change leaves
+// them stopped; the caller's protocol error then ends the session.
+func (s *session) restartAround(change func() error) error {
+	running := s.stopAll()
+	if err := change(); err != nil {
+		return err
+	}
+	for _, v := range running {
+		if err := s.update(v); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 func (s *session) stopAll() []*vring {
 	var running []*vring
 	for i := range s.vrings {
