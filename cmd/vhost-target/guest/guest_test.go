@@ -72,8 +72,9 @@ func TestGuestQMP(t *testing.T) {
 		t.Fatal(qerr)
 	}
 	<-done
-	if err == nil && res.ExitCode != -1 {
-		t.Fatalf("the guest reported %d after quit", res.ExitCode)
+	// QEMU quit before the script could answer: Run reports exactly that.
+	if err == nil || !strings.Contains(err.Error(), "exited") || !strings.Contains(err.Error(), "without a result") {
+		t.Fatalf("after quit: %v (exit code %d)", err, res.ExitCode)
 	}
 }
 
