@@ -88,6 +88,9 @@ type queue struct {
 	// idleSince is when the current stretch of polls without work began
 	// (or the last look for a missed notification in it); 0 while busy.
 	idleSince int64
+	// published: this ring has published elements (idle tells a driver
+	// waiting since before the ring started from a late notification).
+	published bool
 	wakeFDs   []int // adaptive mode: completion eventfd per channel (-1 none), watched by the reactor
 
 	// Counters written only by the owning reactor; read through reactor.Call.
@@ -335,7 +338,13 @@ func (q *queue) idle(work int) {
 		return
 	}
 	q.st.Renotified++
-	if q.st.Renotified <= 10 {
+	if !q.published {
+		// Elements published before this ring started (by the ring or the
+		// process before it, or on the source of a live migration), whose
+		// notification the driver still waits for.
+		q.s.log.Info("ring started with the driver waiting for a notification; sending it", "vring", q.idx,
+			"used_idx", q.vq.State().UsedIdx)
+	} else if q.st.Renotified <= 10 {
 		st := q.vq.State()
 		q.s.log.Warn("driver waited for a notification it was not sent; sending it", "vring", q.idx,
 			"used_idx", st.UsedIdx, "used_event", st.UsedEvent, "notified", st.Notified, "decisions", st.Decisions)
@@ -410,7 +419,7 @@ func (q *queue) markBroken(why string, head int) {
 }
 
 func (q *queue) publish() {
-	q.pending = 0
+	q.pending, q.published = 0, true
 	if q.vq.Publish() {
 		q.signal()
 	}

@@ -163,6 +163,19 @@ func New(mem *guestmem.Table, c Config) (*Queue, error) {
 		}
 	}
 	q.shadowAvail = q.lastAvail
+	// Whether the driver was notified of the elements already in the used
+	// ring is unknown: the ring that published them may have stopped (a
+	// device stop, a restart, the source of a live migration) without the
+	// notification a driver then waits for, and a driver that waits for it
+	// adds no requests that would lead to one. Half the index space back
+	// counts every published element as possibly unnotified, so Unnotified
+	// reports a driver whose used_event lies among them. A used index of 0
+	// is taken for a new ring with nothing published (it is also where a
+	// ring lands after 65536 elements; a late notification missed there is
+	// only missed if the driver's barrier also failed at that moment).
+	if q.usedIdx != 0 {
+		q.notified = q.usedIdx - 0x8000
+	}
 	return q, nil
 }
 
@@ -383,7 +396,7 @@ func (q *Queue) Publish() (notify bool) {
 // this when idle and, when it stays true, calls Renotify and signals.
 // It loads one word of guest memory.
 func (q *Queue) Unnotified() bool {
-	if !q.signalledValid || q.pending != 0 || q.notified == q.usedIdx {
+	if q.pending != 0 || q.notified == q.usedIdx {
 		return false
 	}
 	if q.eventIdx {

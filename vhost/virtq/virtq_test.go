@@ -607,6 +607,40 @@ func TestUnnotified(t *testing.T) {
 	}
 }
 
+// TestUnnotifiedAtStart: a ring started over a used ring whose elements an
+// earlier ring published (a device stop, a restart, the source of a live
+// migration) does not know whether the driver was notified of them: a
+// driver whose used_event lies among them (it waits for them) is reported,
+// one that has seen them all is not, and neither is a new ring.
+func TestUnnotifiedAtStart(t *testing.T) {
+	for _, tc := range []struct {
+		usedIdx, usedEvent uint16
+		want               bool
+	}{
+		{0, 0, false},         // a new ring
+		{40, 37, true},        // the driver has seen 37 of 40 and waits
+		{40, 39, true},        // ... 39 of 40
+		{40, 40, false},       // it has seen all
+		{3, 0xfff0, true},     // across the wrap
+		{40, 40 + 100, false}, // it asks for one far ahead (suppression)
+	} {
+		d := vt.New(8, 1<<16)
+		d.Features.EventIdx = true
+		d.SetUsedIdx(tc.usedIdx)
+		d.SetUsedEvent(tc.usedEvent)
+		q := newQueue(t, d)
+		if got := q.Unnotified(); got != tc.want {
+			t.Errorf("used idx %d, used_event %d: Unnotified = %v, want %v", tc.usedIdx, tc.usedEvent, got, tc.want)
+		}
+		if tc.want {
+			q.Renotify()
+			if q.Unnotified() {
+				t.Errorf("used idx %d, used_event %d: still unnotified after Renotify", tc.usedIdx, tc.usedEvent)
+			}
+		}
+	}
+}
+
 func TestSetNotification(t *testing.T) {
 	d := vt.New(8, 1<<16)
 	d.SetUsedIdx(5)
