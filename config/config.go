@@ -219,6 +219,11 @@ type Controller struct {
 	// Two let the destination QEMU of a live migration on the same host
 	// connect while the source still runs.
 	MaxSessions int
+	// Migration offers live migration to front-ends (VHOST_F_LOG_ALL and
+	// LOG_SHMFD: the target marks what it writes into guest memory in QEMU's
+	// dirty log while a migration runs). On by default; false pins every VM
+	// using this controller to its host (QEMU refuses to migrate it).
+	Migration bool
 	// SocketMode is the permission bits of the socket file (at most 0o777).
 	SocketMode uint32
 	// SocketOwner and SocketGroup, when not "", are the user and group the
@@ -269,6 +274,7 @@ func Default() *Config {
 			CPUs:        []int{cpu},
 			NumQueues:   NumQueuesDefault,
 			MaxSessions: MaxSessionsDefault,
+			Migration:   true,
 			SocketMode:  SocketModeDefault,
 			LUNs:        []LUN{{Target: 0, LUN: 0, Bdev: "mem0"}},
 		}},

@@ -93,6 +93,7 @@ bdev = "mem4k"
 
 [[controller]]
 name = "vhost.1"
+migration = false
 
 [[controller.lun]]
 target = 255
@@ -126,7 +127,7 @@ func TestParseFullExample(t *testing.T) {
 				QueueDepth: QueueDepthDefault, UUID: BdevUUID("disk3")},
 		},
 		Controllers: []Controller{
-			{Name: "vhost.0", CPUs: []int{cpu}, NumQueues: 8, MaxSessions: 2, SocketMode: 0o660, SocketOwner: "root", SocketGroup: "0",
+			{Name: "vhost.0", CPUs: []int{cpu}, NumQueues: 8, MaxSessions: 2, Migration: true, SocketMode: 0o660, SocketOwner: "root", SocketGroup: "0",
 				LUNs: []LUN{{Target: 0, LUN: 0, Bdev: "mem0"}, {Target: 1, LUN: 16383, Bdev: "mem4k"}}},
 			{Name: "vhost.1", CPUs: []int{cpu}, NumQueues: NumQueuesDefault, MaxSessions: MaxSessionsDefault, SocketMode: 0o600,
 				LUNs: []LUN{{Target: 255, LUN: 0, Bdev: "disk1"}, {Target: 3, LUN: 2, Bdev: "disk2"}}},

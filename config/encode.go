@@ -66,6 +66,7 @@ type outController struct {
 	CPUs        []int    `toml:"cpus"`
 	NumQueues   int      `toml:"num_queues"`
 	MaxSessions int      `toml:"max_sessions"`
+	Migration   bool     `toml:"migration"`
 	SocketMode  string   `toml:"socket_mode"`
 	SocketOwner string   `toml:"socket_owner,omitempty"`
 	SocketGroup string   `toml:"socket_group,omitempty"`
@@ -117,7 +118,7 @@ func (c *Config) Encode(header string) ([]byte, error) {
 	for i := range c.Controllers {
 		ctrl := &c.Controllers[i]
 		oc := outController{Name: ctrl.Name, CPUs: ctrl.CPUs, NumQueues: ctrl.NumQueues, MaxSessions: ctrl.MaxSessions,
-			SocketMode: fmtMode(ctrl.SocketMode), SocketOwner: ctrl.SocketOwner, SocketGroup: ctrl.SocketGroup}
+			Migration: ctrl.Migration, SocketMode: fmtMode(ctrl.SocketMode), SocketOwner: ctrl.SocketOwner, SocketGroup: ctrl.SocketGroup}
 		for _, l := range ctrl.LUNs {
 			oc.LUNs = append(oc.LUNs, outLUN(l))
 		}

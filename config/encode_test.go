@@ -88,6 +88,7 @@ workers = 3
 name = "empty"
 num_queues = 2
 max_sessions = 2
+migration = false
 [[controller]]
 name = "vhost.0"
 socket_mode = "0666"

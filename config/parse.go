@@ -73,6 +73,7 @@ type rawController struct {
 	CPUs        *[]int64 `toml:"cpus"`
 	NumQueues   *int64   `toml:"num_queues"`
 	MaxSessions *int64   `toml:"max_sessions"`
+	Migration   *bool    `toml:"migration"`
 	SocketMode  any      `toml:"socket_mode"`
 	SocketOwner string   `toml:"socket_owner"`
 	SocketGroup string   `toml:"socket_group"`
@@ -337,6 +338,7 @@ func controllerFromRaw(rc *rawController, reactorCPUs []int, errs *errorList) Co
 		CPUs:        uniqueCPUs(reactorCPUs),
 		NumQueues:   NumQueuesDefault,
 		MaxSessions: MaxSessionsDefault,
+		Migration:   true,
 		SocketMode:  SocketModeDefault,
 		SocketOwner: rc.SocketOwner,
 		SocketGroup: rc.SocketGroup,
@@ -349,6 +351,9 @@ func controllerFromRaw(rc *rawController, reactorCPUs []int, errs *errorList) Co
 	}
 	if rc.MaxSessions != nil {
 		ctrl.MaxSessions = clampInt(*rc.MaxSessions)
+	}
+	if rc.Migration != nil {
+		ctrl.Migration = *rc.Migration
 	}
 	if rc.SocketMode != nil {
 		mode, err := socketModeValue(rc.SocketMode)

@@ -224,7 +224,7 @@ func start(cfg *config.Config, log *slog.Logger) (t *target, err error) {
 func (t *target) newController(c *config.Config, cc *config.Controller) (*vhost.Controller, error) {
 	vc := vhost.Config{
 		Name: cc.Name, SocketPath: c.SocketPath(cc), SocketMode: os.FileMode(cc.SocketMode),
-		NumQueues: cc.NumQueues, MaxSessions: cc.MaxSessions, Logger: t.log,
+		NumQueues: cc.NumQueues, MaxSessions: cc.MaxSessions, Migration: cc.Migration, Logger: t.log,
 	}
 	var err error
 	vc.SocketUID, vc.SocketGID, err = cc.SocketIDs()
@@ -245,7 +245,7 @@ func (t *target) newController(c *config.Config, cc *config.Controller) (*vhost.
 		return nil, err
 	}
 	t.log.Info("controller listening", "controller", cc.Name, "socket", vc.SocketPath,
-		"luns", len(cc.LUNs), "num_queues", cc.NumQueues, "max_sessions", cc.MaxSessions, "cpus", fmt.Sprint(cc.CPUs))
+		"luns", len(cc.LUNs), "num_queues", cc.NumQueues, "max_sessions", cc.MaxSessions, "migration", cc.Migration, "cpus", fmt.Sprint(cc.CPUs))
 	return ctrl, nil
 }
 

@@ -131,6 +131,7 @@ type createController struct {
 	Cpumask     string `json:"cpumask"`
 	NumQueues   *int   `json:"num_queues"`
 	MaxSessions *int   `json:"max_sessions"`
+	Migration   *bool  `json:"migration"`
 	SocketMode  string `json:"socket_mode"`
 	SocketOwner string `json:"socket_owner"`
 	SocketGroup string `json:"socket_group"`
@@ -508,7 +509,7 @@ func (t *target) rpcCreateController(_ context.Context, p *createController) (an
 	}
 	cfg := t.runningConfig()
 	cc := config.Controller{Name: p.Ctrlr, CPUs: slices.Clone(cfg.Reactors.CPUs), NumQueues: config.NumQueuesDefault,
-		MaxSessions: config.MaxSessionsDefault, SocketMode: config.SocketModeDefault,
+		MaxSessions: config.MaxSessionsDefault, Migration: true, SocketMode: config.SocketModeDefault,
 		SocketOwner: p.SocketOwner, SocketGroup: p.SocketGroup}
 	if p.Cpumask != "" {
 		cpus, err := parseCPUMask(p.Cpumask)
@@ -522,6 +523,9 @@ func (t *target) rpcCreateController(_ context.Context, p *createController) (an
 	}
 	if p.MaxSessions != nil {
 		cc.MaxSessions = *p.MaxSessions
+	}
+	if p.Migration != nil {
+		cc.Migration = *p.Migration
 	}
 	if p.SocketMode != "" {
 		m, err := strconv.ParseUint(strings.TrimPrefix(p.SocketMode, "0o"), 8, 32)
@@ -635,6 +639,7 @@ type controllerJSON struct {
 	Socket          string         `json:"socket"`
 	NumQueues       int            `json:"num_queues"`
 	MaxSessions     int            `json:"max_sessions"`
+	Migration       bool           `json:"migration"`
 	Sessions        int            `json:"sessions"`
 	BackendSpecific map[string]any `json:"backend_specific"`
 }
@@ -673,7 +678,7 @@ func (t *target) rpcGetControllers(_ context.Context, p *ctrlrName) (any, error)
 		}
 		out = append(out, controllerJSON{
 			Ctrlr: cc.Name, Cpumask: formatCPUMask(cc.CPUs), Socket: t.cfg.SocketPath(cc),
-			NumQueues: cc.NumQueues, MaxSessions: cc.MaxSessions, Sessions: t.ctrls[cc.Name].Sessions(),
+			NumQueues: cc.NumQueues, MaxSessions: cc.MaxSessions, Migration: cc.Migration, Sessions: t.ctrls[cc.Name].Sessions(),
 			BackendSpecific: map[string]any{"scsi": devs},
 		})
 	}
