@@ -233,34 +233,37 @@ func TestFaultKillBench(t *testing.T) {
 }
 
 var (
-	buildOnce sync.Once
-	builtBin  string
-	buildErr  error
+	buildMu sync.Mutex
+	builds  = map[string]string{} // build tags → binary
 )
 
 // buildBinary builds the daemon once per test process.
-func buildBinary(t *testing.T) string {
+func buildBinary(t *testing.T) string { return buildTagged(t, "") }
+
+// buildTagged builds the daemon with the given build tags (a debug build)
+// once per test process.
+func buildTagged(t *testing.T, tags string) string {
 	t.Helper()
-	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "vt-bin-")
-		if err != nil {
-			buildErr = err
-			return
-		}
-		goCmd, err := exec.LookPath("go")
-		if err != nil {
-			goCmd = filepath.Join(runtime.GOROOT(), "bin", "go")
-		}
-		builtBin = filepath.Join(dir, "vhost-target")
-		out, err := exec.Command(goCmd, "build", "-o", builtBin, "vhost-target/cmd/vhost-target").CombinedOutput()
-		if err != nil {
-			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
+	buildMu.Lock()
+	defer buildMu.Unlock()
+	if bin, ok := builds[tags]; ok {
+		return bin
 	}
-	return builtBin
+	dir, err := os.MkdirTemp("", "vt-bin-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	goCmd, err := exec.LookPath("go")
+	if err != nil {
+		goCmd = filepath.Join(runtime.GOROOT(), "bin", "go")
+	}
+	bin := filepath.Join(dir, "vhost-target")
+	out, err := exec.Command(goCmd, "build", "-tags", tags, "-o", bin, "vhost-target/cmd/vhost-target").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go build -tags %q: %v\n%s", tags, err, out)
+	}
+	builds[tags] = bin
+	return bin
 }
 
 // daemon is the built binary running on a config file.

@@ -104,3 +104,61 @@ func (q *QMP) Execute(cmd string, args any) (json.RawMessage, error) {
 
 // Close closes the connection.
 func (q *QMP) Close() error { return q.conn.Close() }
+
+// Migration is what query-migrate reports about a finished migration.
+type Migration struct {
+	Status    string        // "completed", or why it ended ("failed", "cancelled")
+	Error     string        // QEMU's error-desc when it failed
+	Total     time.Duration // total-time: from the migrate command to the end
+	Downtime  time.Duration // the guest stood still (stop on the source to run on the destination)
+	Setup     time.Duration // setup-time
+	Passes    int           // RAM dirty-sync-count: passes over the dirty bitmap
+	RAMBytes  uint64        // RAM transferred
+	Remaining uint64        // RAM left when it ended (0 when completed)
+}
+
+// Migrate runs QMP `migrate` to uri (e.g. "unix:/path", the destination's
+// Options.Incoming) and polls `query-migrate` every 20 ms until the
+// migration ends or ctx does.
+func (q *QMP) Migrate(ctx context.Context, uri string) (Migration, error) {
+	if _, err := q.Execute("migrate", map[string]any{"uri": uri}); err != nil {
+		return Migration{}, err
+	}
+	for {
+		ret, err := q.Execute("query-migrate", nil)
+		if err != nil {
+			return Migration{}, err
+		}
+		var st struct {
+			Status    string `json:"status"`
+			ErrorDesc string `json:"error-desc"`
+			TotalTime int64  `json:"total-time"`
+			Downtime  int64  `json:"downtime"`
+			SetupTime int64  `json:"setup-time"`
+			RAM       struct {
+				Transferred uint64 `json:"transferred"`
+				Remaining   uint64 `json:"remaining"`
+				Passes      int    `json:"dirty-sync-count"`
+			} `json:"ram"`
+		}
+		if err := json.Unmarshal(ret, &st); err != nil {
+			return Migration{}, fmt.Errorf("guest: query-migrate %q: %w", ret, err)
+		}
+		switch st.Status {
+		case "completed", "failed", "cancelled":
+			m := Migration{Status: st.Status, Error: st.ErrorDesc, Total: time.Duration(st.TotalTime) * time.Millisecond,
+				Downtime: time.Duration(st.Downtime) * time.Millisecond, Setup: time.Duration(st.SetupTime) * time.Millisecond,
+				Passes: st.RAM.Passes, RAMBytes: st.RAM.Transferred, Remaining: st.RAM.Remaining}
+			if st.Status != "completed" {
+				return m, fmt.Errorf("guest: migration to %s %s: %s", uri, st.Status, st.ErrorDesc)
+			}
+			return m, nil
+		}
+		select {
+		case <-ctx.Done():
+			q.Execute("migrate_cancel", nil)
+			return Migration{Status: st.Status}, fmt.Errorf("guest: migration to %s still %q: %w", uri, st.Status, ctx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}

@@ -72,7 +72,16 @@ type Options struct {
 	QEMUArgs   []string // appended to QEMU's command line (e.g. -trace)
 	// QMP, when set, is a unix socket path QEMU serves its monitor protocol
 	// on (DialQMP).
-	QMP     string
+	QMP string
+	// Incoming, when set, starts QEMU as the destination of a live
+	// migration listening on this unix socket (-incoming unix:PATH): the
+	// guest does not boot but arrives from a source run's QMP Migrate.
+	// Give it the source's Options (controllers aside) and its Token.
+	Incoming string
+	// Token tags the guest's result and boot lines on the console; "" draws
+	// a random one. A migration's runs share one (NewToken), so the
+	// destination recognises the result of the guest the source booted.
+	Token   string
 	Console io.Writer // optional live copy of the serial console
 }
 
@@ -112,9 +121,12 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if o.Boots <= 0 {
 		o.Boots = 1
 	}
-	token, err := randomToken()
-	if err != nil {
-		return nil, err
+	token := o.Token
+	if token == "" {
+		var err error
+		if token, err = NewToken(); err != nil {
+			return nil, err
+		}
 	}
 	tmp, err := os.MkdirTemp("", "vhost-target-guest-run-")
 	if err != nil {
@@ -267,6 +279,9 @@ func qemuArgs(o Options, initrd, token string) []string {
 	if o.QMP != "" {
 		a = append(a, "-qmp", "unix:"+o.QMP+",server=on,wait=off")
 	}
+	if o.Incoming != "" {
+		a = append(a, "-incoming", "unix:"+o.Incoming)
+	}
 	return append(a, o.QEMUArgs...)
 }
 
@@ -295,7 +310,8 @@ func writeInitrd(dst string, o Options) error {
 	return nil
 }
 
-func randomToken() (string, error) {
+// NewToken draws a console token (Options.Token).
+func NewToken() (string, error) {
 	var b [8]byte
 	if _, err := rand.Read(b[:]); err != nil {
 		return "", fmt.Errorf("guest: token: %w", err)
