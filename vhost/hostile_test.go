@@ -414,6 +414,15 @@ func msgCases() []msgCase {
 		{name: "request 0xffffffff", setup: setupNone, send: msgOnly(0xffffffff, nil), want: "(4294967295)"},
 		{name: "SET_LOG_BASE never offered", setup: setupMemory, send: msgOnly(proto.SetLogBase, make([]byte, 16)),
 			want: "SET_LOG_BASE without protocol feature LOG_SHMFD"},
+		{name: "SET_LOG_FD with a pipe", setup: setupMemory, send: func(t *testing.T, d *frontend.Device) {
+			var p [2]int
+			if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+				t.Fatal(err)
+			}
+			defer unix.Close(p[0])
+			defer unix.Close(p[1])
+			sendRaw(t, d, proto.SetLogFD, proto.FlagVersion, nil, p[1])
+		}, want: "SET_LOG_FD: fd is not an eventfd (pipe:"},
 
 		// Header flags.
 		{name: "version 0", setup: setupNone,

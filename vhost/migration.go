@@ -9,6 +9,11 @@ package vhost
 // a new inflight area), so a queue's log never changes under its reactor.
 
 import (
+	"os"
+	"strconv"
+
+	"golang.org/x/sys/unix"
+
 	"vhost-target/vhost/dirtylog"
 	"vhost-target/vhost/guestmem"
 	"vhost-target/vhost/proto"
@@ -67,6 +72,24 @@ func (s *session) setLogBase(m *proto.Msg) error {
 	s.log.Info("dirty page log received", "bytes", l.MmapSize, "covers_gib", float64(log.Pages())*dirtylog.PageSize/(1<<30),
 		"logging", s.logging())
 	return s.conn.ReplyU64(m.Request, 0)
+}
+
+// setLogFD keeps the eventfd the front-end may give to hear of log writes
+// (only an eventfd: a reactor writes it, and a pipe could block). It takes
+// effect at the next ring start; running rings are restarted for it.
+func (s *session) setLogFD(m *proto.Msg) error {
+	fd := m.FDs[0]
+	if link, err := os.Readlink("/proc/self/fd/" + strconv.Itoa(fd)); err != nil || link != "anon_inode:[eventfd]" {
+		return protoErr("SET_LOG_FD: fd is not an eventfd (%s)", link)
+	}
+	m.FDs[0] = -1 // taken
+	return s.restartAround(func() error {
+		if s.logKick >= 0 {
+			unix.Close(s.logKick)
+		}
+		s.logKick = fd
+		return nil
+	})
 }
 
 // logChanged restarts the running rings when SET_FEATURES turned LOG_ALL on

@@ -2,6 +2,7 @@ package vhost_test
 
 import (
 	"bytes"
+	"encoding/binary"
 	"fmt"
 	"testing"
 	"time"
@@ -58,6 +59,22 @@ func TestDirtyLog(t *testing.T) {
 		log := dirtylog.FromBytes(logBytes)
 		if _, err := dev.Call(proto.SetLogBase, proto.Log{MmapSize: size}.Encode(), fd); err != nil {
 			t.Fatalf("SET_LOG_BASE: %v", err)
+		}
+		// SET_LOG_FD: an eventfd the queues write after publishing while logging.
+		logKick, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer unix.Close(logKick)
+		if err := dev.Send(proto.SetLogFD, proto.FlagVersion, nil, logKick); err != nil {
+			t.Fatal(err)
+		}
+		kicks := func() uint64 {
+			var b [8]byte
+			if n, err := unix.Read(logKick, b[:]); n != 8 || err != nil {
+				return 0
+			}
+			return binary.LittleEndian.Uint64(b[:])
 		}
 		setLogging := func(on bool) {
 			f := dev.Features() &^ (1 << proto.FLogAll)
@@ -129,6 +146,9 @@ func TestDirtyLog(t *testing.T) {
 			}
 			t.Fatalf("mode %v, logging: %d pages changed, %d of them not marked: %v; rings %v", mode, changed, len(missing), missing, rings)
 		}
+		if n := kicks(); n == 0 {
+			t.Fatalf("mode %v: SET_LOG_FD's eventfd not written while logging", mode)
+		}
 
 		setLogging(false)
 		clear(logBytes)
@@ -137,6 +157,9 @@ func TestDirtyLog(t *testing.T) {
 			if log.Marked(p) {
 				t.Fatalf("mode %v: page %d marked with logging off", mode, p)
 			}
+		}
+		if n := kicks(); n != 0 {
+			t.Fatalf("mode %v: SET_LOG_FD's eventfd written %d times with logging off", mode, n)
 		}
 		dev.Close()
 	}

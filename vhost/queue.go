@@ -84,7 +84,8 @@ type queue struct {
 	// log is the session's dirty page log while it migrates (migration.go):
 	// the pages each request wrote are marked in it. Fixed for the queue's
 	// life (a change restarts the ring).
-	log *dirtylog.Log
+	log     *dirtylog.Log
+	logKick int // SET_LOG_FD's eventfd while logging, else -1; written after each publish
 	// idleSince is when the current stretch of polls without work began
 	// (or the last look for a missed notification in it); 0 while busy.
 	idleSince int64
@@ -108,7 +109,7 @@ func startQueue(s *session, v *vring, vq *virtq.Queue) (*queue, error) {
 		n = maxSlots
 	}
 	q := &queue{
-		s: s, r: r, vq: vq, idx: v.idx, kick: v.kick, call: v.call,
+		s: s, r: r, vq: vq, idx: v.idx, kick: v.kick, call: v.call, logKick: -1,
 		slots:   make([]request, n),
 		free:    make([]*request, 0, n),
 		heads:   make([]uint64, (int(vq.Size())+63)/64),
@@ -116,7 +117,7 @@ func startQueue(s *session, v *vring, vq *virtq.Queue) (*queue, error) {
 		rq:      rq,
 	}
 	if s.logging() {
-		q.log = s.dirty
+		q.log, q.logKick = s.dirty, s.logKick
 	}
 	for i := range q.slots {
 		req := &q.slots[i]
@@ -422,6 +423,9 @@ func (q *queue) publish() {
 	q.pending, q.published = 0, true
 	if q.vq.Publish() {
 		q.signal()
+	}
+	if q.logKick >= 0 {
+		unix.Write(q.logKick, callValue[:])
 	}
 }
 

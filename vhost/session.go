@@ -80,8 +80,12 @@ type session struct {
 	// until GET_INFLIGHT_FD or SET_INFLIGHT_FD.
 	inflightArea *inflightArea
 	// dirty is the dirty page log (migration.go), nil until SET_LOG_BASE.
-	dirty  *dirtylog.Log
-	broken bool
+	dirty *dirtylog.Log
+	// logKick is the eventfd of SET_LOG_FD, or -1: request queues write it
+	// after publishing while logging, as libvhost-user does (QEMU sends
+	// none; it reads the shared log when it syncs).
+	logKick int
+	broken  bool
 
 	// live lists the running request queues for the control queue's
 	// goroutine (task management waits for their in-flight requests).
@@ -100,7 +104,7 @@ type session struct {
 }
 
 func newSession(c *Controller, conn *net.UnixConn, id uint64, peer string) *session {
-	s := &session{c: c, conn: proto.NewConn(conn), uconn: conn, log: c.log.With("session", id), id: id, peer: peer}
+	s := &session{c: c, conn: proto.NewConn(conn), uconn: conn, log: c.log.With("session", id), id: id, peer: peer, logKick: -1}
 	s.events.wake = make(chan struct{}, 1)
 	for i := range s.vrings {
 		s.vrings[i] = vring{idx: i, kick: -1, call: -1}
@@ -233,7 +237,9 @@ func (s *session) handle(m *proto.Msg) error {
 		err = s.setInflightFD(m)
 	case proto.SetLogBase:
 		err, replied = s.setLogBase(m), true
-	case proto.SetLogFD, proto.SetBackendReqFD:
+	case proto.SetLogFD:
+		err = s.setLogFD(m)
+	case proto.SetBackendReqFD:
 		// Not offered; accept and drop the fd (closed by the caller).
 	default:
 		return protoErr("unsupported request %v (%d)", m.Request, uint32(m.Request))
@@ -618,6 +624,10 @@ func (s *session) reset() {
 		s.log.Warn("unmapping the dirty page log", "err", err)
 	}
 	s.dirty = nil
+	if s.logKick >= 0 {
+		unix.Close(s.logKick)
+		s.logKick = -1
+	}
 	for i := range s.vrings {
 		v := &s.vrings[i]
 		if v.kick >= 0 {
