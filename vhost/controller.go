@@ -53,7 +53,9 @@ type Config struct {
 	Logger   *slog.Logger
 	// Migration offers VHOST_F_LOG_ALL and protocol feature LOG_SHMFD: dirty
 	// page logging, which QEMU needs to live-migrate the VM (migration.go).
-	// Off until the migration guest tests of issue 12 pass.
+	// The configuration turns it on unless a controller says migration =
+	// false; the zero value here keeps library users' controllers as they
+	// were.
 	Migration bool
 }
 

@@ -29,6 +29,7 @@ import (
 	"vhost-target/bdev/errbdev"
 	"vhost-target/reactor"
 	"vhost-target/vhost"
+	"vhost-target/vhost/dirtylog"
 	"vhost-target/vhost/frontend"
 	"vhost-target/vhost/proto"
 )
@@ -47,10 +48,20 @@ const (
 // buffer.
 func newController(t *testing.T, e *env, nq, maxSessions int, luns ...vhost.LUNSpec) (*vhost.Controller, string, *syncBuffer) {
 	t.Helper()
+	return newControllerWith(t, e, nq, maxSessions, nil, luns...)
+}
+
+// newControllerWith is newController with change applied to its Config.
+func newControllerWith(t *testing.T, e *env, nq, maxSessions int, change func(*vhost.Config), luns ...vhost.LUNSpec) (*vhost.Controller, string, *syncBuffer) {
+	t.Helper()
 	logs := &syncBuffer{}
 	sock := filepath.Join(t.TempDir(), "c")
-	c, err := vhost.NewController(vhost.Config{Name: "c", SocketPath: sock, NumQueues: nq, MaxSessions: maxSessions,
-		Reactors: e.r, LUNs: luns, SocketUID: -1, SocketGID: -1, Logger: slog.New(slog.NewTextHandler(logs, nil))})
+	cfg := vhost.Config{Name: "c", SocketPath: sock, NumQueues: nq, MaxSessions: maxSessions,
+		Reactors: e.r, LUNs: luns, SocketUID: -1, SocketGID: -1, Logger: slog.New(slog.NewTextHandler(logs, nil))}
+	if change != nil {
+		change(&cfg)
+	}
+	c, err := vhost.NewController(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -830,16 +841,20 @@ func TestControllerCloseFreesQueues(t *testing.T) {
 // queue.Disarm, measured); and the process's malloc count over 2000
 // requests on a busy reactor, which runs under -race as well.
 func TestIOPathNoAllocs(t *testing.T) {
-	for _, inflight := range []bool{false, true} {
-		name := ""
-		if inflight {
-			name = "-inflight" // INFLIGHT_SHMFD negotiated: every request marked and cleared in the area
-		}
+	for _, v := range []struct {
+		name              string
+		inflight, logging bool
+	}{
+		{"", false, false},
+		{"-inflight", true, false}, // INFLIGHT_SHMFD negotiated: every request marked and cleared in the area
+		{"-logging", false, true},  // a live migration: every request's pages and used ring marked in the log
+	} {
+		name, inflight, logging := v.name, v.inflight, v.logging
 		t.Run("adaptive"+name, func(t *testing.T) {
 			if raceEnabled {
 				t.Skip("in a -race build the 8-byte buffers of the eventfd reads around an epoll sleep escape to the heap")
 			}
-			q, run, bad := allocsTarget(t, reactor.Adaptive, inflight)
+			q, run, bad := allocsTarget(t, reactor.Adaptive, inflight, logging)
 			if n := testing.AllocsPerRun(1000, run); n != 0 {
 				t.Errorf("a READ through the target allocates %v per request", n)
 			}
@@ -848,7 +863,7 @@ func TestIOPathNoAllocs(t *testing.T) {
 			}
 		})
 		t.Run("busy"+name, func(t *testing.T) {
-			q, run, bad := allocsTarget(t, reactor.Busy, inflight)
+			q, run, bad := allocsTarget(t, reactor.Busy, inflight, logging)
 			var before, after runtime.MemStats
 			runtime.ReadMemStats(&before)
 			for i := 0; i < 2000; i++ {
@@ -867,13 +882,22 @@ func TestIOPathNoAllocs(t *testing.T) {
 
 // allocsTarget starts a controller whose table and unit attention state
 // changed at runtime, and returns a function that runs one READ of LUN 1.
-func allocsTarget(t *testing.T, mode reactor.Mode, inflight bool) (*frontend.Queue, func(), *int) {
+func allocsTarget(t *testing.T, mode reactor.Mode, inflight, logging bool) (*frontend.Queue, func(), *int) {
 	e := newEnv(t, 1, mode)
 	d0, d1 := e.disk("m0", 1<<20, 512), e.disk("m1", 1<<20, 512)
-	c, sock, _ := newController(t, e, 1, 1, lun(0, 0, d0))
-	dev := dial(t, sock, frontend.Options{Slots: 4, SlotDataSize: 4096, Inflight: inflight})
+	c, sock, _ := newControllerWith(t, e, 1, 1, func(c *vhost.Config) { c.Migration = logging }, lun(0, 0, d0))
+	o := frontend.Options{Slots: 4, SlotDataSize: 4096, Inflight: inflight}
+	if logging {
+		o.ProtocolMask = 1<<proto.PFMQ | 1<<proto.PFReplyAck | 1<<proto.PFLogShmFD
+	}
+	dev := dial(t, sock, o)
 	if fd, _ := dev.InflightFD(); inflight != (fd >= 0) {
 		t.Fatalf("inflight area fd %d with Options.Inflight %v", fd, inflight)
+	}
+	var log *dirtylog.Log
+	if logging {
+		log, _ = giveLog(t, dev)
+		setLogging(t, dev, true)
 	}
 	if err := c.AddLUN(lun(0, 1, d1)); err != nil {
 		t.Fatal(err)
@@ -907,6 +931,17 @@ func allocsTarget(t *testing.T, mode reactor.Mode, inflight bool) (*frontend.Que
 	}
 	for i := 0; i < 100; i++ {
 		run()
+	}
+	if logging {
+		marked := 0
+		for p := uint64(0); p < log.Pages(); p++ {
+			if log.Marked(p) {
+				marked++
+			}
+		}
+		if marked == 0 {
+			t.Fatal("logging on, and nothing marked")
+		}
 	}
 	return q, run, bad
 }

@@ -37,29 +37,7 @@ func TestDirtyLog(t *testing.T) {
 		if dev.OfferedFeatures()&(1<<proto.FLogAll) == 0 || dev.ProtocolFeatures()&(1<<proto.PFLogShmFD) == 0 {
 			t.Fatalf("LOG_ALL / LOG_SHMFD not offered: %#x %#x", dev.OfferedFeatures(), dev.ProtocolFeatures())
 		}
-		// A log for all guest memory, as QEMU sizes it: 8 bytes per 256 KiB.
-		var end uint64
-		for _, r := range dev.MemTable() {
-			end = max(end, r.GPA+r.Size)
-		}
-		size := (end/(dirtylog.PageSize*64) + 1) * 8
-		fd, err := unix.MemfdCreate("log", unix.MFD_ALLOW_SEALING)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer unix.Close(fd)
-		if err := unix.Ftruncate(fd, int64(size)); err != nil {
-			t.Fatal(err)
-		}
-		logBytes, err := unix.Mmap(fd, 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer unix.Munmap(logBytes)
-		log := dirtylog.FromBytes(logBytes)
-		if _, err := dev.Call(proto.SetLogBase, proto.Log{MmapSize: size}.Encode(), fd); err != nil {
-			t.Fatalf("SET_LOG_BASE: %v", err)
-		}
+		log, logBytes := giveLog(t, dev)
 		// SET_LOG_FD: an eventfd the queues write after publishing while logging.
 		logKick, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
 		if err != nil {
@@ -76,31 +54,7 @@ func TestDirtyLog(t *testing.T) {
 			}
 			return binary.LittleEndian.Uint64(b[:])
 		}
-		setLogging := func(on bool) {
-			f := dev.Features() &^ (1 << proto.FLogAll)
-			var flags uint32
-			if on {
-				f |= 1 << proto.FLogAll
-				flags = proto.VringAddrFlagLogUsed
-			}
-			if err := dev.SetFeatures(f); err != nil {
-				t.Fatal(err)
-			}
-			// As QEMU's vhost_dev_set_log: every ring's address again, with
-			// the log flag and the used ring's guest-physical address.
-			for i := 0; i < dev.NumVrings(); i++ {
-				desc, avail, used := dev.Vring(i).RingGPAs()
-				uva := func(gpa uint64) uint64 { u, _ := dev.UVA(gpa); return u }
-				a := proto.VringAddr{Index: uint32(i), Flags: flags, Desc: uva(desc), Used: uva(used), Avail: uva(avail), Log: used}
-				if err := dev.Message(proto.SetVringAddr, false, a.Encode()); err != nil {
-					t.Fatal(err)
-				}
-			}
-			// A message with an answer: the ones before it have been handled.
-			if _, err := dev.Call(proto.GetFeatures, nil); err != nil {
-				t.Fatal(err)
-			}
-		}
+		setLogging := func(on bool) { setLogging(t, dev, on) }
 		snapshot := func() [][]byte {
 			var s [][]byte
 			for _, r := range dev.MemTable() {
@@ -162,5 +116,62 @@ func TestDirtyLog(t *testing.T) {
 			t.Fatalf("mode %v: SET_LOG_FD's eventfd written %d times with logging off", mode, n)
 		}
 		dev.Close()
+	}
+}
+
+// giveLog sends SET_LOG_BASE with a log for all of dev's guest memory, sized
+// as QEMU sizes it (8 bytes per 256 KiB), and returns it and its bytes.
+func giveLog(t *testing.T, dev *frontend.Device) (*dirtylog.Log, []byte) {
+	t.Helper()
+	var end uint64
+	for _, r := range dev.MemTable() {
+		end = max(end, r.GPA+r.Size)
+	}
+	size := (end/(dirtylog.PageSize*64) + 1) * 8
+	fd, err := unix.MemfdCreate("log", unix.MFD_ALLOW_SEALING)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Ftruncate(fd, int64(size)); err != nil {
+		t.Fatal(err)
+	}
+	logBytes, err := unix.Mmap(fd, 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Munmap(logBytes) })
+	if _, err := dev.Call(proto.SetLogBase, proto.Log{MmapSize: size}.Encode(), fd); err != nil {
+		t.Fatalf("SET_LOG_BASE: %v", err)
+	}
+	return dirtylog.FromBytes(logBytes), logBytes
+}
+
+// setLogging turns LOG_ALL on or off as QEMU's vhost_dev_set_log does:
+// SET_FEATURES, then every ring's address again, with the log flag and the
+// used ring's guest-physical address when on. It returns once the target
+// has handled them.
+func setLogging(t *testing.T, dev *frontend.Device, on bool) {
+	t.Helper()
+	f := dev.Features() &^ (1 << proto.FLogAll)
+	var flags uint32
+	if on {
+		f |= 1 << proto.FLogAll
+		flags = proto.VringAddrFlagLogUsed
+	}
+	if err := dev.SetFeatures(f); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < dev.NumVrings(); i++ {
+		desc, avail, used := dev.Vring(i).RingGPAs()
+		uva := func(gpa uint64) uint64 { u, _ := dev.UVA(gpa); return u }
+		a := proto.VringAddr{Index: uint32(i), Flags: flags, Desc: uva(desc), Used: uva(used), Avail: uva(avail), Log: used}
+		if err := dev.Message(proto.SetVringAddr, false, a.Encode()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A message with an answer: the ones before it have been handled.
+	if _, err := dev.Call(proto.GetFeatures, nil); err != nil {
+		t.Fatal(err)
 	}
 }
