@@ -412,8 +412,8 @@ func msgCases() []msgCase {
 		{name: "request 0", setup: setupNone, send: msgOnly(0, nil), want: "unsupported request REQUEST_0 (0)"},
 		{name: "request 99", setup: setupNegotiate, send: msgOnly(99, make([]byte, 8)), want: "unsupported request REQUEST_99 (99)"},
 		{name: "request 0xffffffff", setup: setupNone, send: msgOnly(0xffffffff, nil), want: "(4294967295)"},
-		{name: "SET_LOG_BASE never offered", setup: setupMemory, send: msgOnly(proto.SetLogBase, make([]byte, 16)),
-			want: "SET_LOG_BASE without protocol feature LOG_SHMFD"},
+		{name: "SET_LOG_BASE without fd", setup: setupMemory, send: msgOnly(proto.SetLogBase, make([]byte, 16)),
+			want: "SET_LOG_BASE without the log's fd (LOG_SHMFD)"},
 		{name: "SET_LOG_FD with a pipe", setup: setupMemory, send: func(t *testing.T, d *frontend.Device) {
 			var p [2]int
 			if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {

@@ -42,14 +42,15 @@ func (s *session) logging() bool {
 	return s.features&(1<<proto.FLogAll) != 0 && s.dirty != nil
 }
 
-// setLogBase maps the log the front-end sends (with LOG_SHMFD: an fd, its
-// size and offset) and answers, as QEMU waits for an answer to this one.
+// setLogBase maps the log the front-end sends (an fd, its size and offset)
+// and answers, as QEMU waits for an answer to this one (with LOG_SHMFD) and
+// DPDK and libvhost-user always answer. Like them it takes a log whether or
+// not LOG_SHMFD was acked; without an fd (QEMU's log in its own memory,
+// without LOG_SHMFD) there is nothing to mark, and a migration that counted
+// on the marks would corrupt the guest: refused.
 func (s *session) setLogBase(m *proto.Msg) error {
-	if s.protoFeatures&(1<<proto.PFLogShmFD) == 0 {
-		return protoErr("SET_LOG_BASE without protocol feature LOG_SHMFD")
-	}
 	if len(m.FDs) != 1 {
-		return protoErr("SET_LOG_BASE without the log's fd")
+		return protoErr("SET_LOG_BASE without the log's fd (LOG_SHMFD)")
 	}
 	l, err := proto.DecodeLog(m)
 	if err != nil {

@@ -105,6 +105,7 @@ func TestDirtyLog(t *testing.T) {
 		}
 
 		setLogging(false)
+		kicks() // the logging ring's last publish, as it stopped
 		clear(logBytes)
 		run("read", frontend.Command{CDB: rw10(0x28, 0, 16), DataInLen: 8192})
 		for p := uint64(0); p < log.Pages(); p++ {

@@ -34,7 +34,10 @@ import (
 // Still refused, closing the connection: indexes beyond the vrings, short
 // payloads, fds that do not match the message, sizes our rings cannot mask,
 // header versions other than 1, packed/IOMMU/T10-PI features, bad memory
-// regions (overlap, past the file, wrapping), rings outside guest memory.
+// regions (overlap, past the file, wrapping), rings outside guest memory,
+// SET_LOG_BASE without an fd (a log only the front-end could see: the
+// migration would lose the target's writes) or with a bad size, offset or
+// file, SET_LOG_FD with an fd that is not an eventfd (a reactor writes it).
 
 // peerTarget is a controller with two request queues and one memory LUN on
 // an adaptive reactor (which sleeps on kick fds), its log kept.

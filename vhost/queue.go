@@ -420,11 +420,12 @@ func (q *queue) markBroken(why string, head int) {
 }
 
 func (q *queue) publish() {
+	n := q.pending
 	q.pending, q.published = 0, true
 	if q.vq.Publish() {
 		q.signal()
 	}
-	if q.logKick >= 0 {
+	if q.logKick >= 0 && n > 0 {
 		unix.Write(q.logKick, callValue[:])
 	}
 }
