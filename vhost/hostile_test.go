@@ -299,6 +299,20 @@ func msgOnly(req proto.Request, payload []byte) func(*testing.T, *frontend.Devic
 	return func(t *testing.T, d *frontend.Device) { sendRaw(t, d, req, proto.FlagVersion, payload) }
 }
 
+// sendPipe sends req with payload and the write end of a pipe where an
+// eventfd belongs: a reactor would block on it.
+func sendPipe(req proto.Request, payload []byte) func(*testing.T, *frontend.Device) {
+	return func(t *testing.T, d *frontend.Device) {
+		var p [2]int
+		if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+			t.Fatal(err)
+		}
+		defer unix.Close(p[0])
+		defer unix.Close(p[1])
+		sendRaw(t, d, req, proto.FlagVersion, payload, p[1])
+	}
+}
+
 // sendEventFD sends req with payload and one fresh eventfd.
 func sendEventFD(req proto.Request, payload []byte) func(*testing.T, *frontend.Device) {
 	return func(t *testing.T, d *frontend.Device) { sendRaw(t, d, req, proto.FlagVersion, payload, eventFD(t)) }
@@ -414,15 +428,12 @@ func msgCases() []msgCase {
 		{name: "request 0xffffffff", setup: setupNone, send: msgOnly(0xffffffff, nil), want: "(4294967295)"},
 		{name: "SET_LOG_BASE without fd", setup: setupMemory, send: msgOnly(proto.SetLogBase, make([]byte, 16)),
 			want: "SET_LOG_BASE without the log's fd (LOG_SHMFD)"},
-		{name: "SET_LOG_FD with a pipe", setup: setupMemory, send: func(t *testing.T, d *frontend.Device) {
-			var p [2]int
-			if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
-				t.Fatal(err)
-			}
-			defer unix.Close(p[0])
-			defer unix.Close(p[1])
-			sendRaw(t, d, proto.SetLogFD, proto.FlagVersion, nil, p[1])
-		}, want: "SET_LOG_FD: fd is not an eventfd (pipe:"},
+		{name: "SET_LOG_FD with a pipe", setup: setupMemory, send: sendPipe(proto.SetLogFD, nil),
+			want: "SET_LOG_FD: fd is not an eventfd (pipe:"},
+		{name: "SET_VRING_CALL with a pipe", setup: setupMemory, send: sendPipe(proto.SetVringCall, proto.PutU64(2)),
+			want: "SET_VRING_CALL vring 2: fd is not an eventfd (pipe:"},
+		{name: "SET_VRING_KICK with a pipe", setup: setupMemory, send: sendPipe(proto.SetVringKick, proto.PutU64(2)),
+			want: "SET_VRING_KICK vring 2: fd is not an eventfd (pipe:"},
 
 		// Header flags.
 		{name: "version 0", setup: setupNone,

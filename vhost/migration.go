@@ -9,9 +9,6 @@ package vhost
 // a new inflight area), so a queue's log never changes under its reactor.
 
 import (
-	"os"
-	"strconv"
-
 	"golang.org/x/sys/unix"
 
 	"vhost-target/vhost/dirtylog"
@@ -80,8 +77,8 @@ func (s *session) setLogBase(m *proto.Msg) error {
 // effect at the next ring start; running rings are restarted for it.
 func (s *session) setLogFD(m *proto.Msg) error {
 	fd := m.FDs[0]
-	if link, err := os.Readlink("/proc/self/fd/" + strconv.Itoa(fd)); err != nil || link != "anon_inode:[eventfd]" {
-		return protoErr("SET_LOG_FD: fd is not an eventfd (%s)", link)
+	if err := checkEventFD(fd); err != nil {
+		return protoErr("SET_LOG_FD: %v", err)
 	}
 	m.FDs[0] = -1 // taken
 	return s.restartAround(func() error {

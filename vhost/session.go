@@ -7,7 +7,9 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -448,6 +450,14 @@ func (s *session) setVringFD(m *proto.Msg) error {
 	}
 	fd := -1
 	if val&proto.VringNoFDBit == 0 {
+		if m.Request != proto.SetVringErr {
+			// A reactor reads the kick fd and writes the call fd without
+			// blocking only if they are eventfds; a pipe could stall it and
+			// every other guest it serves.
+			if err := checkEventFD(m.FDs[0]); err != nil {
+				return protoErr("%v vring %d: %v", m.Request, v.idx, err)
+			}
+		}
 		fd = m.FDs[0]
 		m.FDs[0] = -1 // taken
 	}
@@ -495,6 +505,18 @@ func (s *session) setVringEnable(m *proto.Msg) error {
 	// rings that were never configured too (notes A.7): not an error.
 	v.enabled = st.Num != 0
 	return s.update(v)
+}
+
+// checkEventFD returns an error unless fd is an eventfd.
+func checkEventFD(fd int) error {
+	link, err := os.Readlink("/proc/self/fd/" + strconv.Itoa(fd))
+	if err != nil {
+		return fmt.Errorf("fd: %w", err)
+	}
+	if link != "anon_inode:[eventfd]" {
+		return fmt.Errorf("fd is not an eventfd (%s)", link)
+	}
+	return nil
 }
 
 func (v *vring) running() bool { return v.req != nil || v.ctrl != nil || v.evq != nil }
