@@ -332,15 +332,18 @@ func checkMigration(t *testing.T, o *migrationOutcome) {
 }
 
 // TestGuestMigration: a guest doing fio verify on a file LUN served by target
-// A is live-migrated (Debian's QEMU 7.2) to a QEMU on target B, a second
-// process serving the same file, and back to a third QEMU on A; fio's
-// verify passes after both, with no guest I/O error.
+// A is live-migrated (QEMU 10) to a QEMU on target B, a second process
+// serving the same file, and back to a third QEMU on A; fio's verify and the
+// page-cache chunks pass after both, with no guest I/O error. (Debian 12's
+// QEMU 7.2 is not used: under TCG it corrupts a migrated guest's memory
+// with no vhost device at all, TestGuestQEMU72MigrationProbe.)
 func TestGuestMigration(t *testing.T) {
-	checkMigration(t, runMigration(t, migrationTest{bin: buildBinary(t), twoTargets: true, runtime: 45}))
+	q := qemu10(t)
+	checkMigration(t, runMigration(t, migrationTest{bin: buildBinary(t), q: q, twoTargets: true, runtime: 45}))
 }
 
-// TestGuestMigrationOneController: the same with QEMU 10 on one target,
-// source and destination QEMU on the same controller (max_sessions = 2).
+// TestGuestMigrationOneController: the same with source and destination
+// QEMU on the same controller (max_sessions = 2).
 func TestGuestMigrationOneController(t *testing.T) {
 	q := qemu10(t)
 	checkMigration(t, runMigration(t, migrationTest{bin: buildBinary(t), q: q, runtime: 45}))
@@ -348,10 +351,13 @@ func TestGuestMigrationOneController(t *testing.T) {
 
 // TestGuestMigrationUnlogged: with a debug build whose request queues do
 // not mark what they write into guest memory (-tags vhost_debug_unlogged)
-// the same migration must go wrong: fio's verify (or the guest) fails on
-// the destination. This shows the tests above would catch a missing mark.
+// the same migration must go wrong: the guest finds chunks in its page
+// cache that the target wrote during a migration with their old contents
+// (or fails otherwise). This shows the tests above would catch a missing
+// mark.
 func TestGuestMigrationUnlogged(t *testing.T) {
-	o := runMigration(t, migrationTest{bin: buildTagged(t, "vhost_debug_unlogged"), twoTargets: true, runtime: 45})
+	q := qemu10(t)
+	o := runMigration(t, migrationTest{bin: buildTagged(t, "vhost_debug_unlogged"), q: q, twoTargets: true, runtime: 45})
 	ch := o.sections["chunks"]
 	if o.finalErr == nil && o.final.ExitCode == 0 && !strings.Contains(ch, "cache-bad") {
 		t.Fatalf("the guest saw nothing wrong after migrations that left the target's writes out of the dirty log\n%s", o.final.Console)
@@ -368,4 +374,87 @@ func lineWith(text, s string) string {
 		}
 	}
 	return ""
+}
+
+// TestGuestQEMU72MigrationProbe is evidence, not a test of the target
+// (opt-in: VHOST_TARGET_QEMU72_PROBE=1, or =10 for QEMU 10): a guest with no
+// vhost device at all, fio on tmpfs (4 jobs), migrated twice. With Debian
+// 12's QEMU 7.2 under TCG (thread=multi, 1 vCPU) the destination guest's
+// kernel crashed in 7 of 7 runs on 12-04 (timerqueue_add, list_add
+// corruption: kernel memory lost in the migration); with QEMU 10.0.2 3 of 3
+// passed. So the migration tests use QEMU 10.
+func TestGuestQEMU72MigrationProbe(t *testing.T) {
+	which := os.Getenv("VHOST_TARGET_QEMU72_PROBE")
+	if which == "" {
+		t.Skip("opt-in probe of QEMU 7.2's TCG migration: VHOST_TARGET_QEMU72_PROBE=1")
+	}
+	img := guestImage(t)
+	var q *guest.QEMU
+	if which == "10" {
+		q = qemu10(t)
+	}
+	dir := shortTempDir(t, "vt-pr-")
+	token, _ := guest.NewToken()
+	script := shPrelude + `
+echo load-start
+fio --name=v --filename=/tmp/f --ioengine=psync --rw=randwrite --bs=4k --size=48m --numjobs=4 \
+  --time_based --runtime=25 --verify=crc32c --verify_backlog=256 --do_verify=1 --output-format=terse > /tmp/fio.out 2>&1 || { cat /tmp/fio.out; echo fio-failed; exit 1; }
+echo fio-ok
+`
+	ctx := context.Background()
+	type run struct {
+		done chan struct{}
+		res  *guest.Result
+		err  error
+		qmp  string
+	}
+	launch := func(i int, c *marker) *run {
+		r := &run{done: make(chan struct{}), qmp: filepath.Join(dir, fmt.Sprintf("qmp%d", i))}
+		o := guest.Options{Image: img, QEMU: q, MemoryMiB: 512, Token: token, QMP: r.qmp, Script: script, Timeout: 2 * time.Minute,
+			KernelArgs: "init_on_alloc=0"}
+		if c != nil {
+			o.Console = c
+		}
+		if i > 0 {
+			o.Incoming = filepath.Join(dir, fmt.Sprintf("mig%d", i))
+		}
+		go func() { defer close(r.done); r.res, r.err = guest.Run(ctx, o) }()
+		return r
+	}
+	m := newMarker("load-start")
+	cur := launch(0, m)
+	<-m.seen
+	for hop := 1; hop <= 2; hop++ {
+		time.Sleep(4 * time.Second)
+		dst := launch(hop, nil)
+		qc, cancel := context.WithTimeout(ctx, time.Minute)
+		from, err := guest.DialQMP(qc, cur.qmp)
+		if err != nil {
+			<-cur.done
+			c := consoleOf(cur.res)
+			if len(c) > 3000 {
+				c = c[len(c)-3000:]
+			}
+			t.Fatalf("%v: %v\n%s", err, cur.err, c)
+		}
+		to, err := guest.DialQMP(qc, dst.qmp)
+		if err != nil {
+			t.Fatalf("dst %d: %v", hop, err)
+		}
+		to.Close()
+		mg, err := from.Migrate(qc, "unix:"+filepath.Join(dir, fmt.Sprintf("mig%d", hop)))
+		cancel()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("migration %d: %v %v", hop, mg.Total, mg.Downtime)
+		from.Execute("quit", nil)
+		from.Close()
+		<-cur.done
+		cur = dst
+	}
+	<-cur.done
+	if cur.err != nil || cur.res.ExitCode != 0 || !strings.Contains(cur.res.Console, "fio-ok") {
+		t.Fatalf("%v\n%s", cur.err, consoleOf(cur.res))
+	}
 }
