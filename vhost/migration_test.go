@@ -23,7 +23,8 @@ import (
 // each command, for reads and writes, in both poll modes. (The driver's own
 // writes change memory too: the write command sends the pattern its buffer
 // already holds, and the rings' avail entries share the used ring's page.)
-// Fails without queue.markWritten or without the used-ring marks.
+// Fails without queue.markWritten, the used-ring marks or the control
+// queue's (sideQueue.push; a TMF is answered while logging).
 func TestDirtyLog(t *testing.T) {
 	for _, mode := range []reactor.Mode{reactor.Busy, reactor.Adaptive} {
 		e := newEnv(t, 1, mode)
@@ -92,6 +93,10 @@ func TestDirtyLog(t *testing.T) {
 		before := snapshot()
 		run("read", frontend.Command{CDB: rw10(0x28, 0, 16), DataInLen: 8192})
 		run("write", frontend.Command{CDB: rw10(0x2a, 64, 16), DataOut: pattern})
+		// The control queue's answers are marked too (sideQueue.push).
+		if r, err := dev.TMF(0, 0, frontend.TMFQueryTaskSet, 0); err != nil || r != 0 {
+			t.Fatalf("mode %v: TMF: %v, response %d", mode, err, r)
+		}
 		if changed, missing := changedUnmarked(before); changed == 0 || len(missing) != 0 {
 			var rings []string
 			for i := 0; i < dev.NumVrings(); i++ {
