@@ -866,12 +866,15 @@ func TestIOPathNoAllocs(t *testing.T) {
 			q, run, bad := allocsTarget(t, reactor.Busy, inflight, logging)
 			var before, after runtime.MemStats
 			runtime.ReadMemStats(&before)
-			for i := 0; i < 2000; i++ {
+			for i := 0; i < 20000; i++ {
 				run()
 			}
 			runtime.ReadMemStats(&after)
-			if n := after.Mallocs - before.Mallocs; n > 20 { // ReadMemStats and the test's own noise
-				t.Errorf("2000 READs through the target made %d allocations", n)
+			// Mallocs counts the whole process (ReadMemStats itself, the
+			// runtime and test goroutines on a loaded machine): a few dozen
+			// are noise, one per request would be 20000.
+			if n := after.Mallocs - before.Mallocs; n > 100 {
+				t.Errorf("20000 READs through the target made %d allocations", n)
 			}
 			if *bad != 0 || q.Inflight() != 0 {
 				t.Errorf("%d reads failed, %d in flight", *bad, q.Inflight())
