@@ -55,7 +55,6 @@ func TestDirtyLog(t *testing.T) {
 			}
 			return binary.LittleEndian.Uint64(b[:])
 		}
-		setLogging := func(on bool) { setLogging(t, dev, on) }
 		snapshot := func() [][]byte {
 			var s [][]byte
 			for _, r := range dev.MemTable() {
@@ -88,7 +87,7 @@ func TestDirtyLog(t *testing.T) {
 		}
 		run("write", frontend.Command{CDB: rw10(0x2a, 0, 16), DataOut: pattern})
 
-		setLogging(true)
+		setLogging(t, dev, true)
 		clear(logBytes)
 		before := snapshot()
 		run("read", frontend.Command{CDB: rw10(0x28, 0, 16), DataInLen: 8192})
@@ -109,7 +108,7 @@ func TestDirtyLog(t *testing.T) {
 			t.Fatalf("mode %v: SET_LOG_FD's eventfd not written while logging", mode)
 		}
 
-		setLogging(false)
+		setLogging(t, dev, false)
 		kicks() // the logging ring's last publish, as it stopped
 		clear(logBytes)
 		run("read", frontend.Command{CDB: rw10(0x28, 0, 16), DataInLen: 8192})

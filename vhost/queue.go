@@ -89,9 +89,6 @@ type queue struct {
 	// idleSince is when the current stretch of polls without work began
 	// (or the last look for a missed notification in it); 0 while busy.
 	idleSince int64
-	// published: this ring has published elements (idle tells a driver
-	// waiting since before the ring started from a late notification).
-	published bool
 	wakeFDs   []int // adaptive mode: completion eventfd per channel (-1 none), watched by the reactor
 
 	// Counters written only by the owning reactor; read through reactor.Call.
@@ -339,7 +336,7 @@ func (q *queue) idle(work int) {
 		return
 	}
 	q.st.Renotified++
-	if !q.published {
+	if !q.vq.Published() {
 		// Elements published before this ring started (by the ring or the
 		// process before it, or on the source of a live migration), whose
 		// notification the driver still waits for.
@@ -423,12 +420,11 @@ func (q *queue) markBroken(why string, head int) {
 }
 
 func (q *queue) publish() {
-	n := q.pending
-	q.pending, q.published = 0, true
+	q.pending = 0 // callers publish only with elements pending
 	if q.vq.Publish() {
 		q.signal()
 	}
-	if q.logKick >= 0 && n > 0 {
+	if q.logKick >= 0 {
 		unix.Write(q.logKick, callValue[:])
 	}
 }

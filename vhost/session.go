@@ -162,7 +162,7 @@ func wantFDs(m *proto.Msg) (min, max int) {
 	case proto.SetLogFD, proto.SetBackendReqFD, proto.AddMemReg, proto.SetInflightFD:
 		return 1, 1
 	case proto.SetLogBase:
-		return 0, 1 // one with LOG_SHMFD, which setLogBase requires
+		return 0, 1 // setLogBase refuses none with a message of its own
 	case proto.RemMemReg:
 		return 0, 1 // QEMU before 7.1 sent the region's fd; the spec now says none
 	}
@@ -605,7 +605,6 @@ func (s *session) stop(v *vring) {
 	}
 }
 
-// stopAll stops every running ring and returns them.
 // restartAround drains and stops the running rings, applies change (which
 // swaps something they hold slices of: guest memory, the inflight area, the
 // dirty page log) and starts them again on it. An error from change leaves
@@ -623,6 +622,7 @@ func (s *session) restartAround(change func() error) error {
 	return nil
 }
 
+// stopAll stops every running ring and returns them.
 func (s *session) stopAll() []*vring {
 	var running []*vring
 	for i := range s.vrings {

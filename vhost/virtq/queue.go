@@ -405,6 +405,10 @@ func (q *Queue) Unnotified() bool {
 	return load16(q.avail, 0)&availFNoInterrupt == 0
 }
 
+// Published reports whether this ring has published elements (the first
+// Publish with any decides, and sets signalledValid).
+func (q *Queue) Published() bool { return q.signalledValid }
+
 // Renotify records that the caller notifies the driver now, outside Publish.
 func (q *Queue) Renotify() { q.notified = q.usedIdx }
 
