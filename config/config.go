@@ -233,6 +233,15 @@ type Controller struct {
 	LUNs        []LUN
 }
 
+// NewController returns a controller named name on reactors cpus with every
+// other setting at its default (the file, the runtime API and the built-in
+// configuration all start from it): NumQueuesDefault queues,
+// MaxSessionsDefault sessions, migration offered, SocketModeDefault, no LUNs.
+func NewController(name string, cpus []int) Controller {
+	return Controller{Name: name, CPUs: cpus, NumQueues: NumQueuesDefault, MaxSessions: MaxSessionsDefault,
+		Migration: true, SocketMode: SocketModeDefault}
+}
+
 // LUN maps a SCSI (target, LUN) address of a controller to a bdev.
 type LUN struct {
 	Target uint8
@@ -256,6 +265,8 @@ func Load(path string) (*Config, error) {
 // NumQueuesDefault request queues with mem0 at target 0, LUN 0. It is valid.
 func Default() *Config {
 	cpu := allowedCPUs()[0]
+	ctrl := NewController("vhost.0", []int{cpu})
+	ctrl.LUNs = []LUN{{Target: 0, LUN: 0, Bdev: "mem0"}}
 	c := &Config{
 		SocketDir: DefaultSocketDir(),
 		Metrics:   Metrics{Listen: MetricsListenDefault},
@@ -269,16 +280,8 @@ func Default() *Config {
 			Hugepages: HugepagesAuto,
 			UUID:      BdevUUID("mem0"),
 		}},
-		Controllers: []Controller{{
-			Name:        "vhost.0",
-			CPUs:        []int{cpu},
-			NumQueues:   NumQueuesDefault,
-			MaxSessions: MaxSessionsDefault,
-			Migration:   true,
-			SocketMode:  SocketModeDefault,
-			LUNs:        []LUN{{Target: 0, LUN: 0, Bdev: "mem0"}},
-		}},
-		source: "built-in default config",
+		Controllers: []Controller{ctrl},
+		source:      "built-in default config",
 	}
 	if err := c.Validate(); err != nil {
 		// Only a socket directory too long for any socket could get here.

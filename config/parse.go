@@ -333,16 +333,8 @@ func injectFromRaw(ri *rawInject, key string, errs *errorList) Inject {
 }
 
 func controllerFromRaw(rc *rawController, reactorCPUs []int, errs *errorList) Controller {
-	ctrl := Controller{
-		Name:        rc.Name,
-		CPUs:        uniqueCPUs(reactorCPUs),
-		NumQueues:   NumQueuesDefault,
-		MaxSessions: MaxSessionsDefault,
-		Migration:   true,
-		SocketMode:  SocketModeDefault,
-		SocketOwner: rc.SocketOwner,
-		SocketGroup: rc.SocketGroup,
-	}
+	ctrl := NewController(rc.Name, uniqueCPUs(reactorCPUs))
+	ctrl.SocketOwner, ctrl.SocketGroup = rc.SocketOwner, rc.SocketGroup
 	if rc.CPUs != nil {
 		ctrl.CPUs = cpuList(*rc.CPUs)
 	}

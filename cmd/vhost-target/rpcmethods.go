@@ -508,9 +508,8 @@ func (t *target) rpcCreateController(_ context.Context, p *createController) (an
 		return nil, invalid("ctrlr: required")
 	}
 	cfg := t.runningConfig()
-	cc := config.Controller{Name: p.Ctrlr, CPUs: slices.Clone(cfg.Reactors.CPUs), NumQueues: config.NumQueuesDefault,
-		MaxSessions: config.MaxSessionsDefault, Migration: true, SocketMode: config.SocketModeDefault,
-		SocketOwner: p.SocketOwner, SocketGroup: p.SocketGroup}
+	cc := config.NewController(p.Ctrlr, slices.Clone(cfg.Reactors.CPUs))
+	cc.SocketOwner, cc.SocketGroup = p.SocketOwner, p.SocketGroup
 	if p.Cpumask != "" {
 		cpus, err := parseCPUMask(p.Cpumask)
 		if err != nil {
