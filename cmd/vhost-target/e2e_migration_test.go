@@ -107,15 +107,54 @@ func migrationDisk(t *testing.T, path string) []byte {
 // migrationRun is one QEMU of a migration: the source that boots the guest
 // or a destination started with -incoming.
 type migrationRun struct {
-	name  string
-	qmp   string // its QMP socket
-	done  chan struct{}
-	res   *guest.Result
-	err   error
-	start time.Time
+	name string
+	qmp  string // its QMP socket
+	done chan struct{}
+	res  *guest.Result
+	err  error
 }
 
 func (r *migrationRun) wait() { <-r.done }
+
+// startRun starts QEMU i of a migration in dir (QMP socket qmpI; a
+// destination, i > 0, listens on migI) with o and returns at once.
+func startRun(ctx context.Context, dir string, i int, o guest.Options) *migrationRun {
+	r := &migrationRun{name: fmt.Sprintf("qemu%d", i), qmp: filepath.Join(dir, fmt.Sprintf("qmp%d", i)), done: make(chan struct{})}
+	o.QMP = r.qmp
+	if i > 0 {
+		o.Incoming = filepath.Join(dir, fmt.Sprintf("mig%d", i))
+	}
+	go func() {
+		defer close(r.done)
+		r.res, r.err = guest.Run(ctx, o)
+	}()
+	return r
+}
+
+// migrateTo migrates cur's guest to dst once dst's QMP answers (it then
+// listens), quits cur (QEMU stays paused in "postmigrate" otherwise) and
+// waits for it to end.
+func migrateTo(ctx context.Context, dir string, cur, dst *migrationRun, i int) (guest.Migration, error) {
+	qctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	from, err := guest.DialQMP(qctx, cur.qmp)
+	if err != nil {
+		return guest.Migration{}, fmt.Errorf("%s: %w", cur.name, err)
+	}
+	defer from.Close()
+	to, err := guest.DialQMP(qctx, dst.qmp)
+	if err != nil {
+		return guest.Migration{}, fmt.Errorf("%s: %w", dst.name, err)
+	}
+	to.Close()
+	m, err := from.Migrate(qctx, "unix:"+filepath.Join(dir, fmt.Sprintf("mig%d", i)))
+	if err != nil {
+		return m, fmt.Errorf("%s → %s: %w", cur.name, dst.name, err)
+	}
+	from.Execute("quit", nil)
+	cur.wait()
+	return m, nil
+}
 
 // migrationTest describes one test: where the source and each destination
 // connect, which QEMU, which binary.
@@ -128,13 +167,12 @@ type migrationTest struct {
 
 // migrationOutcome is what testMigration saw.
 type migrationOutcome struct {
-	migrations []guest.Migration
-	final      *guest.Result // the guest's last QEMU
-	finalErr   error
-	logs       string // the targets' logs
-	sections   map[string]string
-	migrated   []int64 // ms after fio started at which each migration completed
-	fioEnded   bool    // fio had ended before the last migration completed
+	final    *guest.Result // the guest's last QEMU
+	finalErr error
+	logs     string // the targets' logs
+	sections map[string]string
+	migrated []int64 // ms after fio started at which each migration completed
+	fioEnded bool    // fio had ended before the last migration completed
 }
 
 // runMigration boots a guest on target A running migrationScript, migrates
@@ -185,9 +223,7 @@ func runMigration(t *testing.T, mt migrationTest) *migrationOutcome {
 	defer cancel()
 	var runs []*migrationRun
 	launch := func(i int, console *marker) *migrationRun {
-		r := &migrationRun{name: fmt.Sprintf("qemu%d", i), qmp: filepath.Join(dir, fmt.Sprintf("qmp%d", i)),
-			done: make(chan struct{}), start: time.Now()}
-		o := guest.Options{Image: img, QEMU: mt.q, MemoryMiB: 512, Token: token, QMP: r.qmp, Script: script,
+		o := guest.Options{Image: img, QEMU: mt.q, MemoryMiB: 512, Token: token, Script: script,
 			Files:       map[string][]byte{"/data/sums": sums},
 			Controllers: []guest.Controller{{Socket: hops[i].sock}}, Timeout: 3 * time.Minute,
 			// Debian's kernel zeroes every page it allocates (init_on_alloc):
@@ -199,13 +235,7 @@ func runMigration(t *testing.T, mt migrationTest) *migrationOutcome {
 		if console != nil {
 			o.Console = console
 		}
-		if i > 0 {
-			o.Incoming = filepath.Join(dir, fmt.Sprintf("mig%d", i))
-		}
-		go func() {
-			defer close(r.done)
-			r.res, r.err = guest.Run(ctx, o)
-		}()
+		r := startRun(ctx, dir, i, o)
 		runs = append(runs, r)
 		return r
 	}
@@ -247,35 +277,14 @@ func runMigration(t *testing.T, mt migrationTest) *migrationOutcome {
 			console = fioEnd
 		}
 		dst := launch(hop, console)
-		qctx, qcancel := context.WithTimeout(ctx, time.Minute)
-		from, err := guest.DialQMP(qctx, cur.qmp)
+		m, err := migrateTo(ctx, dir, cur, dst, hop)
 		if err != nil {
-			qcancel()
-			failf("%s: %v", cur.name, err)
+			failf("migration %d: %v", hop, err)
 		}
-		// The destination listens for the migration once its QMP answers.
-		to, err := guest.DialQMP(qctx, dst.qmp)
-		if err != nil {
-			qcancel()
-			failf("%s: %v", dst.name, err)
-		}
-		to.Close()
-		m, err := from.Migrate(qctx, "unix:"+filepath.Join(dir, fmt.Sprintf("mig%d", hop)))
-		qcancel()
-		if err != nil {
-			from.Close()
-			failf("migration %d (%s → %s): %v", hop, cur.name, dst.name, err)
-		}
-		out.migrations = append(out.migrations, m)
 		out.migrated = append(out.migrated, time.Since(fioStarted).Milliseconds())
 		t.Logf("migration %d (%s on %s → %s on %s): total %v, downtime %v, setup %v, %d passes, %d MiB sent",
 			hop, cur.name, filepath.Base(filepath.Dir(hops[hop-1].sock)), dst.name,
 			filepath.Base(filepath.Dir(hops[hop].sock)), m.Total, m.Downtime, m.Setup, m.Passes, m.RAMBytes>>20)
-		// The source has handed the guest over: end it (QEMU stays paused
-		// in "postmigrate" otherwise).
-		from.Execute("quit", nil)
-		from.Close()
-		cur.wait()
 		cur = dst
 	}
 	select {
@@ -366,16 +375,6 @@ func TestGuestMigrationUnlogged(t *testing.T) {
 		o.finalErr, o.final.ExitCode, strings.Count(ch, "cache-bad"), strings.Count(consoleOf(o.final), "verify"))
 }
 
-// lineWith returns the first line of text containing s.
-func lineWith(text, s string) string {
-	for _, l := range strings.Split(text, "\n") {
-		if strings.Contains(l, s) {
-			return strings.TrimSpace(l)
-		}
-	}
-	return ""
-}
-
 // TestGuestQEMU72MigrationProbe is evidence, not a test of the target
 // (opt-in: VHOST_TARGET_QEMU72_PROBE=1, or =10 for QEMU 10): a guest with no
 // vhost device at all, fio on tmpfs (4 jobs), migrated twice. With Debian
@@ -402,24 +401,13 @@ fio --name=v --filename=/tmp/f --ioengine=psync --rw=randwrite --bs=4k --size=48
 echo fio-ok
 `
 	ctx := context.Background()
-	type run struct {
-		done chan struct{}
-		res  *guest.Result
-		err  error
-		qmp  string
-	}
-	launch := func(i int, c *marker) *run {
-		r := &run{done: make(chan struct{}), qmp: filepath.Join(dir, fmt.Sprintf("qmp%d", i))}
-		o := guest.Options{Image: img, QEMU: q, MemoryMiB: 512, Token: token, QMP: r.qmp, Script: script, Timeout: 2 * time.Minute,
+	launch := func(i int, c *marker) *migrationRun {
+		o := guest.Options{Image: img, QEMU: q, MemoryMiB: 512, Token: token, Script: script, Timeout: 2 * time.Minute,
 			KernelArgs: "init_on_alloc=0"}
 		if c != nil {
 			o.Console = c
 		}
-		if i > 0 {
-			o.Incoming = filepath.Join(dir, fmt.Sprintf("mig%d", i))
-		}
-		go func() { defer close(r.done); r.res, r.err = guest.Run(ctx, o) }()
-		return r
+		return startRun(ctx, dir, i, o)
 	}
 	m := newMarker("load-start")
 	cur := launch(0, m)
@@ -427,30 +415,16 @@ echo fio-ok
 	for hop := 1; hop <= 2; hop++ {
 		time.Sleep(4 * time.Second)
 		dst := launch(hop, nil)
-		qc, cancel := context.WithTimeout(ctx, time.Minute)
-		from, err := guest.DialQMP(qc, cur.qmp)
+		mg, err := migrateTo(ctx, dir, cur, dst, hop)
 		if err != nil {
-			<-cur.done
-			c := consoleOf(cur.res)
-			if len(c) > 3000 {
-				c = c[len(c)-3000:]
+			select {
+			case <-cur.done: // its guest died: Run's error has its last console lines
+				t.Fatalf("%v: %v", err, cur.err)
+			default:
+				t.Fatal(err)
 			}
-			t.Fatalf("%v: %v\n%s", err, cur.err, c)
-		}
-		to, err := guest.DialQMP(qc, dst.qmp)
-		if err != nil {
-			t.Fatalf("dst %d: %v", hop, err)
-		}
-		to.Close()
-		mg, err := from.Migrate(qc, "unix:"+filepath.Join(dir, fmt.Sprintf("mig%d", hop)))
-		cancel()
-		if err != nil {
-			t.Fatal(err)
 		}
 		t.Logf("migration %d: %v %v", hop, mg.Total, mg.Downtime)
-		from.Execute("quit", nil)
-		from.Close()
-		<-cur.done
 		cur = dst
 	}
 	<-cur.done
