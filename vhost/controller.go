@@ -33,9 +33,31 @@ type LUNSpec struct {
 	Bdev   bdev.Bdev
 }
 
+// Kind is the virtio device a controller presents.
+type Kind int
+
+const (
+	// KindSCSI is virtio-scsi (vhost-user-scsi): targets and LUNs, a control
+	// and an event queue before the request queues.
+	KindSCSI Kind = iota
+	// KindBlk is virtio-blk (vhost-user-blk): one disk, Config.Disk, and
+	// request queues only. Cloud Hypervisor, Firecracker and crosvm speak
+	// only this one.
+	KindBlk
+)
+
+func (k Kind) String() string {
+	if k == KindBlk {
+		return "blk"
+	}
+	return "scsi"
+}
+
 // Config describes one controller.
 type Config struct {
-	Name       string
+	Name string
+	// Kind is scsi (the zero value) or blk.
+	Kind       Kind
 	SocketPath string
 	SocketMode os.FileMode // default 0600
 	// SocketUID/GID change the socket owner when >= 0 (QEMU running as another user).
@@ -49,7 +71,12 @@ type Config struct {
 	MaxSessions int
 	// Reactors serve the request queues: queue i runs on Reactors[i % len].
 	Reactors []*reactor.Reactor
-	LUNs     []LUNSpec
+	// LUNs are a scsi controller's LUNs; a blk controller has none.
+	LUNs []LUNSpec
+	// Disk is a blk controller's disk (required); ReadOnly refuses its
+	// writes (VIRTIO_BLK_F_RO) even when the bdev takes them.
+	Disk     bdev.Bdev
+	ReadOnly bool
 	Logger   *slog.Logger
 	// Migration offers VHOST_F_LOG_ALL and protocol feature LOG_SHMFD: dirty
 	// page logging, which QEMU needs to live-migrate the VM (migration.go).
@@ -123,6 +150,26 @@ func NewController(cfg Config) (*Controller, error) {
 	c.changed = sync.NewCond(&c.mu)
 	c.table.Store(&lunTable{})
 	c.Stats = newControllerStats(c)
+	switch cfg.Kind {
+	case KindSCSI:
+		if cfg.Disk != nil || cfg.ReadOnly {
+			return nil, fmt.Errorf("vhost: controller %q: a scsi controller has LUNs, not a disk", cfg.Name)
+		}
+	case KindBlk:
+		if len(cfg.LUNs) > 0 {
+			return nil, fmt.Errorf("vhost: controller %q: a blk controller has one disk, not LUNs", cfg.Name)
+		}
+		if cfg.Disk == nil {
+			return nil, fmt.Errorf("vhost: controller %q: a blk controller needs a disk", cfg.Name)
+		}
+		// The disk is the table's one LUN (blkdev.go): channels, counters,
+		// resize and draining work as for a SCSI LUN.
+		if err := c.addLUN(LUNSpec{Bdev: cfg.Disk}); err != nil {
+			return nil, err
+		}
+	default:
+		return nil, fmt.Errorf("vhost: controller %q: unknown kind %d", cfg.Name, cfg.Kind)
+	}
 	// The configured LUNs are added as at runtime, with no session to tell.
 	for _, l := range cfg.LUNs {
 		if err := c.AddLUN(l); err != nil {
@@ -131,6 +178,13 @@ func NewController(cfg Config) (*Controller, error) {
 	}
 	return c, nil
 }
+
+// Kind returns what the controller presents: scsi or blk.
+func (c *Controller) Kind() Kind { return c.cfg.Kind }
+
+// Disk returns a blk controller's bdev (nil for scsi) and whether it is
+// presented read-only.
+func (c *Controller) Disk() (bdev.Bdev, bool) { return c.cfg.Disk, c.cfg.ReadOnly }
 
 // Name returns the controller name.
 func (c *Controller) Name() string { return c.cfg.Name }

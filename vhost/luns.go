@@ -121,6 +121,13 @@ func (c *Controller) allocSlot() int {
 // attention in every session (SPC-4 6.33). It fails if the address is
 // taken or the bdev cannot be opened on some queue (nothing changes then).
 func (c *Controller) AddLUN(spec LUNSpec) error {
+	if c.cfg.Kind != KindSCSI {
+		return fmt.Errorf("vhost: controller %q is a %v controller: it has one disk and no LUNs to add", c.cfg.Name, c.cfg.Kind)
+	}
+	return c.addLUN(spec)
+}
+
+func (c *Controller) addLUN(spec LUNSpec) error {
 	if spec.LUN > scsi.MaxLUNID {
 		return fmt.Errorf("vhost: controller %q: target %d lun %d: LUN out of range 0..%d", c.cfg.Name, spec.Target, spec.LUN, scsi.MaxLUNID)
 	}
@@ -187,6 +194,9 @@ func (c *Controller) AddLUN(spec LUNSpec) error {
 // 30 s): nothing polls its channels, so RemoveLUN leaves that channel to the
 // stop, which closes it, and returns with a WARN.
 func (c *Controller) RemoveLUN(target uint8, lun uint16) error {
+	if c.cfg.Kind != KindSCSI {
+		return fmt.Errorf("vhost: controller %q is a %v controller: its disk is removed with the controller", c.cfg.Name, c.cfg.Kind)
+	}
 	c.lunsMu.Lock()
 	defer c.lunsMu.Unlock()
 	old := c.table.Load()
