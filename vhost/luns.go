@@ -8,6 +8,7 @@ import (
 
 	"vhost-target/bdev"
 	"vhost-target/scsi"
+	"vhost-target/vhost/blk"
 )
 
 // The LUN table and its changes at runtime (issue 10). lifecycle.go ("LUN
@@ -27,6 +28,9 @@ type lunRef struct {
 	lun  *scsi.LUN
 	bdev bdev.Bdev
 	slot int
+	// disk is the virtio-blk view of a blk controller's disk (blkdev.go),
+	// nil on scsi controllers; replaced with lun on a capacity change.
+	disk *blk.Disk
 }
 
 // target is one SCSI target of a table version.
@@ -147,6 +151,9 @@ func (c *Controller) addLUN(spec LUNSpec) error {
 	}
 	slot := c.allocSlot()
 	ref := lunRef{id: spec.LUN, lun: scsi.NewLUN(spec.LUN, spec.Bdev.Info()), bdev: spec.Bdev, slot: slot}
+	if c.isBlk() {
+		ref.disk = blk.NewDisk(spec.Bdev.Info(), c.cfg.ReadOnly)
+	}
 	next := old.clone()
 	next.slots = max(old.slots, slot+1)
 	if err := next.setTarget(spec.Target, append(refs, ref)); err != nil {
@@ -266,6 +273,9 @@ func (c *Controller) CapacityChanged(b bdev.Bdev) error {
 		for i := range refs {
 			if refs[i].bdev == b {
 				refs[i].lun = scsi.NewLUN(refs[i].id, b.Info())
+				if c.isBlk() {
+					refs[i].disk = blk.NewDisk(b.Info(), c.cfg.ReadOnly)
+				}
 				hit = append(hit, changed{uint8(id), refs[i].id, refs[i].slot})
 				touched = true
 			}
@@ -283,6 +293,10 @@ func (c *Controller) CapacityChanged(b bdev.Bdev) error {
 	info := b.Info()
 	c.log.Debug("LUN capacity changed", "bdev", info.Name, "blocks", info.NumBlocks, "block_size", info.BlockSize, "luns", len(hit))
 	for _, s := range c.sessionList() {
+		if c.isBlk() {
+			s.configChanged()
+			continue
+		}
 		for _, h := range hit {
 			s.raiseUA(h.slot, scsi.UACapacityChanged)
 			s.event(evParamChange, h.target, h.lun, evReasonCapacityChanged)

@@ -19,18 +19,28 @@ import (
 
 // offered returns the virtio features this controller offers.
 func (s *session) offered() uint64 {
-	if s.c.cfg.Migration {
-		return offeredFeatures | 1<<proto.FLogAll
+	f := uint64(offeredFeatures)
+	if s.c.isBlk() {
+		f = s.blkOffered()
 	}
-	return offeredFeatures
+	if s.c.cfg.Migration {
+		f |= 1 << proto.FLogAll
+	}
+	return f
 }
 
 // offeredProtocol returns the protocol features this controller offers.
 func (s *session) offeredProtocol() uint64 {
-	if s.c.cfg.Migration {
-		return offeredProtocolFeatures | 1<<proto.PFLogShmFD
+	f := uint64(offeredProtocolFeatures)
+	if s.c.isBlk() {
+		// QEMU's vhost-user-blk reads its config space from the back-end,
+		// and hears of a resize on the back-end request channel.
+		f |= 1<<proto.PFConfig | 1<<proto.PFBackendReq
 	}
-	return offeredProtocolFeatures
+	if s.c.cfg.Migration {
+		f |= 1 << proto.PFLogShmFD
+	}
+	return f
 }
 
 // logging reports whether writes must be marked: LOG_ALL negotiated and a

@@ -9,6 +9,7 @@ import (
 	"vhost-target/bdev"
 	"vhost-target/reactor"
 	"vhost-target/scsi"
+	"vhost-target/vhost/blk"
 	"vhost-target/vhost/dirtylog"
 	"vhost-target/vhost/virtq"
 )
@@ -50,8 +51,9 @@ type request struct {
 	cmd   scsi.Cmd
 	data  [virtq.MaxSegments][]byte // data buffers after the headers (guest memory)
 	resp  [respHdrSize]byte
-	lun   int   // lunRef.slot of the LUN the command ran on, -1 for none
-	start int64 // poll time (ns) when the bdev IO was submitted; 0 for emulated commands
+	lun   int          // lunRef.slot of the LUN the command ran on, -1 for none
+	br    *blk.Request // a blk queue's request state (blkdev.go); nil on scsi queues
+	start int64        // poll time (ns) when the bdev IO was submitted; 0 for emulated commands
 }
 
 // queue is a request virtqueue running on one reactor. Only that reactor
@@ -99,7 +101,7 @@ type queue struct {
 
 func startQueue(s *session, v *vring, vq *virtq.Queue) (*queue, error) {
 	c := s.c
-	rq := v.idx - 2
+	rq := v.idx - s.firstRequest()
 	r := c.cfg.Reactors[rq%len(c.cfg.Reactors)]
 	n := int(vq.Size())
 	if n > maxSlots {
@@ -122,6 +124,9 @@ func startQueue(s *session, v *vring, vq *virtq.Queue) (*queue, error) {
 		req.cmd.Buf = q.scratch
 		req.cmd.IO.Done = req
 		q.free = append(q.free, req)
+	}
+	if c.isBlk() {
+		q.blkRequests()
 	}
 	// Under lunsMu from the table's channels to the registration: a LUN
 	// added or removed meanwhile would miss this queue (lifecycle.go).
@@ -483,6 +488,10 @@ func (q *queue) canSleepInFlight() bool {
 
 // execute parses a chain as a virtio-scsi command and runs it.
 func (q *queue) execute(r *request) {
+	if r.br != nil {
+		q.executeBlk(r)
+		return
+	}
 	c := &r.chain
 	rd, wr := c.Readable(), c.Writable()
 	if c.ReadLen < reqHdrSize || c.WriteLen < respHdrSize {
@@ -558,6 +567,10 @@ func (q *queue) execute(r *request) {
 
 // IODone is called by the bdev on this queue's reactor.
 func (r *request) IODone(io *bdev.IO) {
+	if r.br != nil {
+		r.q.blkDone(r)
+		return
+	}
 	r.cmd.CompleteIO()
 	r.q.respond(r, respOK)
 }
@@ -636,6 +649,12 @@ func (q *queue) finish(r *request, written uint32) {
 	if q.log != nil && written > 0 {
 		q.markWritten(r, written)
 	}
+	q.push(r, written)
+}
+
+// push pushes the used element (its pages already marked while logging)
+// and recycles the slot.
+func (q *queue) push(r *request, written uint32) {
 	h := r.chain.Head
 	q.heads[h/64] &^= 1 << (h % 64)
 	q.vq.Push(h, written)

@@ -88,6 +88,8 @@ type session struct {
 	// none; it reads the shared log when it syncs).
 	logKick int
 	broken  bool
+	// blk is a blk controller's session state (blkdev.go).
+	blk blkSession
 
 	// live lists the running request queues for the control queue's
 	// goroutine (task management waits for their in-flight requests).
@@ -108,6 +110,7 @@ type session struct {
 func newSession(c *Controller, conn *net.UnixConn, id uint64, peer string) *session {
 	s := &session{c: c, conn: proto.NewConn(conn), uconn: conn, log: c.log.With("session", id), id: id, peer: peer, logKick: -1}
 	s.events.wake = make(chan struct{}, 1)
+	s.blk.backend = -1
 	for i := range s.vrings {
 		s.vrings[i] = vring{idx: i, kick: -1, call: -1}
 	}
@@ -196,7 +199,7 @@ func (s *session) handle(m *proto.Msg) error {
 			s.protoFeatures = v & s.offeredProtocol()
 		}
 	case proto.GetQueueNum:
-		err, replied = s.conn.ReplyU64(m.Request, uint64(2+s.c.cfg.NumQueues)), true
+		err, replied = s.conn.ReplyU64(m.Request, uint64(s.firstRequest()+s.c.cfg.NumQueues)), true
 	case proto.SetOwner:
 		s.owner = true
 	case proto.ResetOwner, proto.ResetDevice:
@@ -220,6 +223,10 @@ func (s *session) handle(m *proto.Msg) error {
 	case proto.SetVringEnable:
 		err = s.setVringEnable(m)
 	case proto.GetConfig:
+		if s.c.isBlk() {
+			err, replied = s.blkConfig(m), true
+			break
+		}
 		// vhost-user-scsi's config space comes from QEMU, not us; we do not
 		// offer PROTOCOL_F_CONFIG. Refuse cleanly: a reply with size 0.
 		var cfg proto.Config
@@ -230,6 +237,10 @@ func (s *session) handle(m *proto.Msg) error {
 			err, replied = s.conn.Reply(m.Request, b[:]), true
 		}
 	case proto.SetConfig:
+		if s.c.isBlk() {
+			replied, err = s.blkSetConfig(m)
+			break
+		}
 		if _, _, err = proto.DecodeConfig(m); err == nil && m.NeedReply() {
 			err, replied = s.conn.ReplyU64(m.Request, 1), true // refused: we have no config space
 		}
@@ -242,7 +253,9 @@ func (s *session) handle(m *proto.Msg) error {
 	case proto.SetLogFD:
 		err = s.setLogFD(m)
 	case proto.SetBackendReqFD:
-		// Not offered; accept and drop the fd (closed by the caller).
+		// Kept by a blk session that negotiated it; otherwise accepted and
+		// dropped (closed by the caller).
+		s.setBackendReq(m)
 	default:
 		return protoErr("unsupported request %v (%d)", m.Request, uint32(m.Request))
 	}
@@ -262,8 +275,12 @@ func (s *session) setFeatures(m *proto.Msg) error {
 	if err != nil {
 		return err
 	}
-	if v&refusedFeatures != 0 {
-		return protoErr("front-end requires features %#x we do not implement (packed ring, IOMMU or T10-PI)", v&refusedFeatures)
+	refused := uint64(refusedFeatures)
+	if s.c.isBlk() {
+		refused &^= 1 << proto.FVirtioSCSIT10PI // a SCSI bit; unused in virtio-blk
+	}
+	if v&refused != 0 {
+		return protoErr("front-end requires features %#x we do not implement (packed ring, IOMMU or T10-PI)", v&refused)
 	}
 	// Extra bits such as VIRTIO_F_RING_RESET or ANY_LAYOUT arrive unoffered from
 	// QEMU 7.2; they change nothing we do, so they are tolerated.
@@ -289,7 +306,7 @@ func (s *session) vringState(m *proto.Msg) (*vring, proto.VringState, error) {
 }
 
 func (s *session) vringIndex(idx uint32) (*vring, error) {
-	if idx >= uint32(len(s.vrings)) {
+	if idx >= uint32(len(s.vrings)) || s.c.isBlk() && idx >= MaxQueues {
 		return nil, protoErr("vring index %d out of range (max %d)", idx, len(s.vrings)-1)
 	}
 	return &s.vrings[idx], nil
@@ -558,11 +575,13 @@ func (s *session) update(v *vring) error {
 		s.log.Info("resuming requests in flight when the previous back-end ended", "vring", v.idx,
 			"requests", n, "next_avail", vq.LastAvail(), "vring_base", v.base)
 	}
-	switch v.idx {
-	case 0:
+	switch {
+	case s.c.isBlk():
+		// Every vring of a blk device is a request queue.
+	case v.idx == 0:
 		v.ctrl = startCtrlQueue(s, v, vq)
 		return nil
-	case 1:
+	case v.idx == 1:
 		v.evq = startEventQueue(s, v, vq)
 		return nil
 	}
@@ -680,6 +699,7 @@ func (s *session) teardown() {
 		s.mem.Close()
 		s.mem = nil
 	}
+	s.closeBackendReq()
 }
 
 // inflight counts the requests in flight on the session's running queues,
