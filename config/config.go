@@ -53,6 +53,12 @@ const (
 	HugepagesNone    = "none"    // 4 KiB pages
 )
 
+// Controller types (key controller.type).
+const (
+	ControllerSCSI = "scsi" // vhost-user-scsi: a virtio-scsi HBA with [[controller.lun]] entries (the default)
+	ControllerBlk  = "blk"  // vhost-user-blk: one virtio-blk disk, key bdev
+)
+
 // Reactor poll modes (key reactors.poll).
 const (
 	PollBusy     = "busy"     // spin on every reactor CPU: lowest latency, 100% CPU
@@ -204,10 +210,18 @@ type Inject struct {
 	Delay    time.Duration
 }
 
-// Controller describes one vhost-user-scsi controller (one socket, one
-// virtio-scsi HBA in the guest).
+// Controller describes one vhost-user controller (one socket): a
+// virtio-scsi HBA with LUNs, or a virtio-blk disk.
 type Controller struct {
 	Name string
+	// Type is ControllerSCSI or ControllerBlk.
+	Type string
+	// Bdev is a blk controller's disk: the name of a Bdev in Config.Bdevs
+	// (blk only; a scsi controller's bdevs are in LUNs).
+	Bdev string
+	// ReadOnly presents a blk controller's disk read-only (VIRTIO_BLK_F_RO)
+	// whether or not the bdev takes writes (blk only).
+	ReadOnly bool
 	// CPUs are the reactors (named by CPU) serving this controller's queues;
 	// a subset of Reactors.CPUs.
 	CPUs []int
@@ -230,16 +244,18 @@ type Controller struct {
 	// socket file is given, by name or numeric id. See SocketIDs.
 	SocketOwner string
 	SocketGroup string
-	LUNs        []LUN
+	// LUNs are a scsi controller's disks; a blk controller has none.
+	LUNs []LUN
 }
 
 // NewController returns a controller named name on reactors cpus with every
 // other setting at its default (the file, the runtime API and the built-in
-// configuration all start from it): NumQueuesDefault queues,
+// configuration all start from it): type scsi, NumQueuesDefault queues,
 // MaxSessionsDefault sessions, migration offered, SocketModeDefault, no LUNs.
+// A blk controller sets Type to ControllerBlk and Bdev.
 func NewController(name string, cpus []int) Controller {
-	return Controller{Name: name, CPUs: cpus, NumQueues: NumQueuesDefault, MaxSessions: MaxSessionsDefault,
-		Migration: true, SocketMode: SocketModeDefault}
+	return Controller{Name: name, Type: ControllerSCSI, CPUs: cpus, NumQueues: NumQueuesDefault,
+		MaxSessions: MaxSessionsDefault, Migration: true, SocketMode: SocketModeDefault}
 }
 
 // LUN maps a SCSI (target, LUN) address of a controller to a bdev.

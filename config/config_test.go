@@ -103,6 +103,13 @@ bdev = "disk1"
 target = 3
 lun = 2
 bdev = "disk2"
+
+[[controller]]
+name = "blk.0"
+type = "blk"
+bdev = "disk3"
+read_only = true
+num_queues = 2
 `
 
 func TestParseFullExample(t *testing.T) {
@@ -127,10 +134,12 @@ func TestParseFullExample(t *testing.T) {
 				QueueDepth: QueueDepthDefault, UUID: BdevUUID("disk3")},
 		},
 		Controllers: []Controller{
-			{Name: "vhost.0", CPUs: []int{cpu}, NumQueues: 8, MaxSessions: 2, Migration: true, SocketMode: 0o660, SocketOwner: "root", SocketGroup: "0",
+			{Name: "vhost.0", Type: ControllerSCSI, CPUs: []int{cpu}, NumQueues: 8, MaxSessions: 2, Migration: true, SocketMode: 0o660, SocketOwner: "root", SocketGroup: "0",
 				LUNs: []LUN{{Target: 0, LUN: 0, Bdev: "mem0"}, {Target: 1, LUN: 16383, Bdev: "mem4k"}}},
-			{Name: "vhost.1", CPUs: []int{cpu}, NumQueues: NumQueuesDefault, MaxSessions: MaxSessionsDefault, SocketMode: 0o600,
+			{Name: "vhost.1", Type: ControllerSCSI, CPUs: []int{cpu}, NumQueues: NumQueuesDefault, MaxSessions: MaxSessionsDefault, SocketMode: 0o600,
 				LUNs: []LUN{{Target: 255, LUN: 0, Bdev: "disk1"}, {Target: 3, LUN: 2, Bdev: "disk2"}}},
+			{Name: "blk.0", Type: ControllerBlk, Bdev: "disk3", ReadOnly: true, CPUs: []int{cpu}, NumQueues: 2,
+				MaxSessions: MaxSessionsDefault, Migration: true, SocketMode: 0o600},
 		},
 		source: "full.toml",
 	}
@@ -188,7 +197,8 @@ bdev = "m"
 		t.Errorf("file bdev = %+v", b)
 	}
 	ctrl := c.Controllers[0]
-	if !reflect.DeepEqual(ctrl.CPUs, []int{cpu}) || ctrl.NumQueues != 4 || ctrl.SocketMode != 0o600 ||
+	if !reflect.DeepEqual(ctrl.CPUs, []int{cpu}) || ctrl.Type != ControllerSCSI || ctrl.Bdev != "" || ctrl.ReadOnly ||
+		ctrl.NumQueues != 4 || ctrl.SocketMode != 0o600 ||
 		ctrl.SocketOwner != "" || ctrl.SocketGroup != "" || ctrl.LUNs[0] != (LUN{Target: 7, LUN: 0, Bdev: "m"}) {
 		t.Errorf("controller = %+v", ctrl)
 	}
@@ -270,6 +280,58 @@ func TestParseHugepages(t *testing.T) {
 		}
 		if err := c.Validate(); err != nil {
 			t.Errorf("%s: parsed config does not re-validate: %v", v, err)
+		}
+	}
+}
+
+// TestParseBlk parses blk controllers: type, bdev and read_only (default
+// false), with the keys every controller has.
+func TestParseBlk(t *testing.T) {
+	text := withCPU(head + mallocBdev + `
+[[bdev]]
+name = "m1"
+type = "malloc"
+size = 4096
+[[controller]]
+name = "b0"
+type = "blk"
+bdev = "mem0"
+[[controller]]
+name = "b1"
+type = "blk"
+bdev = "m1"
+read_only = true
+cpus = [@CPU@]
+num_queues = 1
+max_sessions = 2
+migration = false
+socket_mode = "0660"
+[[controller]]
+name = "s0"
+type = "scsi"
+`)
+	c, err := Parse([]byte(text), "b.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b0 := NewController("b0", []int{cpu})
+	b0.Type, b0.Bdev = ControllerBlk, "mem0"
+	b1 := Controller{Name: "b1", Type: ControllerBlk, Bdev: "m1", ReadOnly: true, CPUs: []int{cpu}, NumQueues: 1,
+		MaxSessions: 2, SocketMode: 0o660}
+	want := []Controller{b0, b1, NewController("s0", []int{cpu})}
+	if !reflect.DeepEqual(c.Controllers, want) {
+		t.Errorf("got  %+v\nwant %+v", c.Controllers, want)
+	}
+	if err := c.Validate(); err != nil {
+		t.Errorf("parsed config does not re-validate: %v", err)
+	}
+	// Encode writes every key a blk controller depends on, read_only = false
+	// included, and neither bdev nor read_only for a scsi controller.
+	data := string(roundTrip(t, c))
+	for _, w := range []string{"name = \"b0\"\ntype = \"blk\"\nbdev = \"mem0\"\nread_only = false\n",
+		"name = \"b1\"\ntype = \"blk\"\nbdev = \"m1\"\nread_only = true\n", "name = \"s0\"\ntype = \"scsi\"\ncpus = "} {
+		if !strings.Contains(data, withCPU(w)) {
+			t.Errorf("encoded config lacks %q:\n%s", w, data)
 		}
 	}
 }
@@ -410,6 +472,43 @@ func TestParseErrors(t *testing.T) {
 			[]string{`controller[0] "vhost.0": lun[0].target: required`}, 0},
 		{"lun range", head + mallocBdev + "[[controller]]\nname = \"vhost.0\"\n[[controller.lun]]\ntarget = 0\nlun = 16384\nbdev = \"mem0\"\n",
 			[]string{`controller[0] "vhost.0": lun[0].lun: 16384 is out of range 0..16383`}, 0},
+		{"controller type unknown", head + mallocBdev + strings.Replace(ctrl0, "[[controller.lun]]", "type = \"nvme\"\n[[controller.lun]]", 1),
+			[]string{`e.toml: controller[0] "vhost.0": type: "nvme" is not "scsi" or "blk"`}, 1},
+		{"controller type empty", head + mallocBdev + strings.Replace(ctrl0, "[[controller.lun]]", "type = \"\"\n[[controller.lun]]", 1),
+			[]string{`controller[0] "vhost.0": type: "" is not "scsi" or "blk"`}, 1},
+		{"controller type case", head + mallocBdev + "[[controller]]\nname = \"b0\"\ntype = \"BLK\"\nbdev = \"mem0\"\n",
+			[]string{`controller[0] "b0": type: "BLK" is not "scsi" or "blk"`}, 1},
+		{"controller type not a string", head + mallocBdev + "[[controller]]\nname = \"b0\"\ntype = 1\n",
+			[]string{"e.toml: line 10", "controller.type", "incompatible types"}, 0},
+		{"blk without bdev", head + mallocBdev + "[[controller]]\nname = \"b0\"\ntype = \"blk\"\n",
+			[]string{`e.toml: controller[0] "b0": bdev: required for type "blk"`}, 1},
+		{"blk bdev empty", head + mallocBdev + "[[controller]]\nname = \"b0\"\ntype = \"blk\"\nbdev = \"\"\n",
+			[]string{`controller[0] "b0": bdev: required for type "blk"`}, 1},
+		{"blk bdev undefined", head + mallocBdev + "[[controller]]\nname = \"b0\"\ntype = \"blk\"\nbdev = \"mem9\"\n",
+			[]string{`e.toml: controller[0] "b0": bdev: bdev "mem9" is not defined`}, 1},
+		{"blk with luns", head + mallocBdev + "[[bdev]]\nname = \"m1\"\ntype = \"malloc\"\nsize = 4096\n" +
+			"[[controller]]\nname = \"b0\"\ntype = \"blk\"\nbdev = \"mem0\"\n[[controller.lun]]\ntarget = 0\nbdev = \"m1\"\n",
+			[]string{`e.toml: controller[0] "b0": lun: not used by type "blk": a blk controller serves one bdev, named by key bdev`}, 1},
+		{"blk with luns instead of bdev", head + mallocBdev + "[[controller]]\nname = \"b0\"\ntype = \"blk\"\n[[controller.lun]]\ntarget = 0\nbdev = \"mem0\"\n",
+			[]string{`controller[0] "b0": lun: not used by type "blk"`, `controller[0] "b0": bdev: required for type "blk"`}, 2},
+		{"blk bad key", head + mallocBdev + "[[controller]]\nname = \"b0\"\ntype = \"blk\"\nbdev = \"mem0\"\nreadonly = true\n",
+			[]string{`controller[0] "b0": unknown key "readonly"`}, 1},
+		{"blk read only not a bool", head + mallocBdev + "[[controller]]\nname = \"b0\"\ntype = \"blk\"\nbdev = \"mem0\"\nread_only = \"yes\"\n",
+			[]string{"e.toml: line 12", "controller.read_only", "incompatible types"}, 0},
+		{"blk num queues", head + mallocBdev + "[[controller]]\nname = \"b0\"\ntype = \"blk\"\nbdev = \"mem0\"\nnum_queues = 65\nmax_sessions = 0\ncpus = [4095]\n",
+			[]string{`controller[0] "b0": num_queues: 65 is out of range 1..64`, `controller[0] "b0": max_sessions: 0 is out of range 1..8`,
+				`controller[0] "b0": cpus[0]: CPU 4095 has no reactor`}, 3},
+		{"scsi with bdev", head + mallocBdev + strings.Replace(ctrl0, "[[controller.lun]]", "bdev = \"mem0\"\n[[controller.lun]]", 1),
+			[]string{`e.toml: controller[0] "vhost.0": bdev: not used by type "scsi": its bdevs are [[controller.lun]] entries (type = "blk" serves one bdev)`}, 1},
+		{"scsi with read only", head + mallocBdev + strings.Replace(ctrl0, "[[controller.lun]]", "type = \"scsi\"\nread_only = true\n[[controller.lun]]", 1),
+			[]string{`controller[0] "vhost.0": read_only: not used by type "scsi"`}, 1},
+		{"blk bdev used by a lun", head + mallocBdev + ctrl0 + "[[controller]]\nname = \"b0\"\ntype = \"blk\"\nbdev = \"mem0\"\n",
+			[]string{`e.toml: controller[1] "b0": bdev: bdev "mem0" is already used by controller[0] "vhost.0" lun[0]`}, 1},
+		{"lun bdev used by blk", head + mallocBdev + "[[controller]]\nname = \"b0\"\ntype = \"blk\"\nbdev = \"mem0\"\n" + ctrl0,
+			[]string{`e.toml: controller[1] "vhost.0": lun[0].bdev: bdev "mem0" is already used by controller[0] "b0"`}, 1},
+		{"blk bdev used twice", head + mallocBdev + "[[controller]]\nname = \"b0\"\ntype = \"blk\"\nbdev = \"mem0\"\n" +
+			"[[controller]]\nname = \"b1\"\ntype = \"blk\"\nbdev = \"mem0\"\nread_only = true\n",
+			[]string{`controller[1] "b1": bdev: bdev "mem0" is already used by controller[0] "b0"`}, 1},
 		{"rpc socket relative", head + "[rpc]\nsocket = \"r.sock\"\n" + mallocBdev + ctrl0,
 			[]string{`rpc.socket: "r.sock" is not an absolute path`}, 0},
 		{"rpc socket is a controller's", head + "[rpc]\nsocket = \"/tmp/vt/vhost.0\"\n" + mallocBdev + ctrl0,
@@ -626,7 +725,8 @@ func TestDefault(t *testing.T) {
 		Hugepages: HugepagesAuto, UUID: BdevUUID("mem0")}) {
 		t.Errorf("bdevs = %+v", c.Bdevs)
 	}
-	if len(c.Controllers) != 1 || c.Controllers[0].Name != "vhost.0" || c.Controllers[0].NumQueues != NumQueuesDefault ||
+	if len(c.Controllers) != 1 || c.Controllers[0].Name != "vhost.0" || c.Controllers[0].Type != ControllerSCSI ||
+		c.Controllers[0].NumQueues != NumQueuesDefault ||
 		!reflect.DeepEqual(c.Controllers[0].LUNs, []LUN{{0, 0, "mem0"}}) {
 		t.Errorf("controllers = %+v", c.Controllers)
 	}

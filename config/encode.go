@@ -63,6 +63,9 @@ type outInject struct {
 
 type outController struct {
 	Name        string   `toml:"name"`
+	Type        string   `toml:"type"`
+	Bdev        string   `toml:"bdev,omitempty"`
+	ReadOnly    *bool    `toml:"read_only,omitempty"` // blk only
 	CPUs        []int    `toml:"cpus"`
 	NumQueues   int      `toml:"num_queues"`
 	MaxSessions int      `toml:"max_sessions"`
@@ -117,8 +120,12 @@ func (c *Config) Encode(header string) ([]byte, error) {
 	}
 	for i := range c.Controllers {
 		ctrl := &c.Controllers[i]
-		oc := outController{Name: ctrl.Name, CPUs: ctrl.CPUs, NumQueues: ctrl.NumQueues, MaxSessions: ctrl.MaxSessions,
-			Migration: ctrl.Migration, SocketMode: fmtMode(ctrl.SocketMode), SocketOwner: ctrl.SocketOwner, SocketGroup: ctrl.SocketGroup}
+		oc := outController{Name: ctrl.Name, Type: ctrl.Type, Bdev: ctrl.Bdev, CPUs: ctrl.CPUs, NumQueues: ctrl.NumQueues,
+			MaxSessions: ctrl.MaxSessions, Migration: ctrl.Migration, SocketMode: fmtMode(ctrl.SocketMode),
+			SocketOwner: ctrl.SocketOwner, SocketGroup: ctrl.SocketGroup}
+		if ctrl.Type == ControllerBlk {
+			oc.ReadOnly = &ctrl.ReadOnly
+		}
 		for _, l := range ctrl.LUNs {
 			oc.LUNs = append(oc.LUNs, outLUN(l))
 		}

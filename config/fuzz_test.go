@@ -14,6 +14,7 @@ import (
 func FuzzParse(f *testing.F) {
 	f.Add([]byte(withCPU(fullExample)))
 	f.Add([]byte(withCPU(head + mallocBdev + ctrl0)))
+	f.Add([]byte(withCPU(head + mallocBdev + "[[controller]]\nname = \"b0\"\ntype = \"blk\"\nbdev = \"mem0\"\nread_only = true\n")))
 	f.Add([]byte(""))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		c, err := Parse(data, "fuzz.toml")
@@ -41,6 +42,18 @@ func FuzzParse(f *testing.F) {
 			}
 			if ctrl.NumQueues < 1 || ctrl.NumQueues > NumQueuesMax {
 				t.Fatalf("accepted controller %+v", ctrl)
+			}
+			switch ctrl.Type {
+			case ControllerBlk:
+				if c.Bdev(ctrl.Bdev) == nil || len(ctrl.LUNs) != 0 {
+					t.Fatalf("accepted blk controller %+v", ctrl)
+				}
+			case ControllerSCSI:
+				if ctrl.Bdev != "" || ctrl.ReadOnly {
+					t.Fatalf("accepted scsi controller %+v", ctrl)
+				}
+			default:
+				t.Fatalf("accepted controller type %q", ctrl.Type)
 			}
 			for _, l := range ctrl.LUNs {
 				b := c.Bdev(l.Bdev)

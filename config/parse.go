@@ -70,6 +70,9 @@ type rawInject struct {
 
 type rawController struct {
 	Name        string   `toml:"name"`
+	Type        *string  `toml:"type"`
+	Bdev        string   `toml:"bdev"`
+	ReadOnly    bool     `toml:"read_only"`
 	CPUs        *[]int64 `toml:"cpus"`
 	NumQueues   *int64   `toml:"num_queues"`
 	MaxSessions *int64   `toml:"max_sessions"`
@@ -335,6 +338,10 @@ func injectFromRaw(ri *rawInject, key string, errs *errorList) Inject {
 func controllerFromRaw(rc *rawController, reactorCPUs []int, errs *errorList) Controller {
 	ctrl := NewController(rc.Name, uniqueCPUs(reactorCPUs))
 	ctrl.SocketOwner, ctrl.SocketGroup = rc.SocketOwner, rc.SocketGroup
+	if rc.Type != nil {
+		ctrl.Type = *rc.Type // "" included: Validate refuses it
+	}
+	ctrl.Bdev, ctrl.ReadOnly = rc.Bdev, rc.ReadOnly
 	if rc.CPUs != nil {
 		ctrl.CPUs = cpuList(*rc.CPUs)
 	}

@@ -80,10 +80,23 @@ func (c *Config) validate(errs *errorList) {
 			}
 		}
 	}
-	// usedBy maps a bdev name to the first LUN using it; one bdev behind two
-	// LUNs would let two guests (or one guest through two paths) corrupt it.
-	type lunRef struct{ ctrl, lun int }
-	usedBy := map[string]lunRef{}
+	// usedBy maps a bdev name to the first controller serving it, by a LUN or
+	// as a blk controller's disk; one bdev behind two would let two guests
+	// (or one guest through two paths) corrupt it.
+	type diskRef struct{ ctrl, lun int } // lun -1: a blk controller's bdev
+	usedBy := map[string]diskRef{}
+	claim := func(e *errorList, key, name string, ref diskRef) {
+		prev, ok := usedBy[name]
+		if !ok {
+			usedBy[name] = ref
+			return
+		}
+		by := fmt.Sprintf("controller[%d] %q", prev.ctrl, c.Controllers[prev.ctrl].Name)
+		if prev.lun >= 0 {
+			by += " lun[" + strconv.Itoa(prev.lun) + "]"
+		}
+		e.addf(key, "bdev %q is already used by %s", name, by)
+	}
 	for i := range c.Controllers {
 		ctrl := &c.Controllers[i]
 		e := errs.entry("controller", i, ctrl.Name)
@@ -94,6 +107,17 @@ func (c *Config) validate(errs *errorList) {
 				break
 			}
 		}
+		if ctrl.Type == ControllerBlk {
+			switch {
+			case ctrl.Bdev == "":
+				e.addf("bdev", "required for type %q: the name of the bdev it serves", ctrl.Type)
+			case c.Bdev(ctrl.Bdev) == nil:
+				e.addf("bdev", "bdev %q is not defined", ctrl.Bdev)
+			default:
+				claim(e, "bdev", ctrl.Bdev, diskRef{i, -1})
+			}
+			continue // LUNs are reported by validateController
+		}
 		for j, l := range ctrl.LUNs {
 			key := "lun[" + strconv.Itoa(j) + "]"
 			switch {
@@ -102,12 +126,7 @@ func (c *Config) validate(errs *errorList) {
 			case c.Bdev(l.Bdev) == nil:
 				e.addf(key+".bdev", "bdev %q is not defined", l.Bdev)
 			default:
-				if prev, ok := usedBy[l.Bdev]; ok {
-					e.addf(key+".bdev", "bdev %q is already used by controller[%d] %q lun[%d]",
-						l.Bdev, prev.ctrl, c.Controllers[prev.ctrl].Name, prev.lun)
-				} else {
-					usedBy[l.Bdev] = lunRef{i, j}
-				}
+				claim(e, key+".bdev", l.Bdev, diskRef{i, j})
 			}
 		}
 	}
@@ -257,7 +276,24 @@ func (c *Config) validateController(ctrl *Controller, e *errorList) {
 	if _, err := lookupID(ctrl.SocketGroup, true); err != nil {
 		e.addf("socket_group", "%v", err)
 	}
-	// A controller without LUNs is valid, as in SPDK (vhost_create_scsi_controller
+	switch ctrl.Type {
+	case ControllerSCSI:
+		if ctrl.Bdev != "" {
+			e.addf("bdev", "not used by type %q: its bdevs are [[controller.lun]] entries (type = %q serves one bdev)",
+				ctrl.Type, ControllerBlk)
+		}
+		if ctrl.ReadOnly {
+			e.addf("read_only", "not used by type %q: a LUN is read-only when its bdev is", ctrl.Type)
+		}
+	case ControllerBlk:
+		if len(ctrl.LUNs) > 0 {
+			e.addf("lun", "not used by type %q: a blk controller serves one bdev, named by key bdev", ctrl.Type)
+		}
+		return
+	default:
+		e.addf("type", "%q is not %q or %q", ctrl.Type, ControllerSCSI, ControllerBlk)
+	}
+	// A scsi controller without LUNs is valid, as in SPDK (vhost_create_scsi_controller
 	// then vhost_scsi_controller_add_target): its guest sees an empty HBA
 	// until LUNs are added at runtime.
 	for j, l := range ctrl.LUNs {
