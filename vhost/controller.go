@@ -1,6 +1,7 @@
-// Package vhost serves vhost-user-scsi controllers: one unix socket each, a
-// session per connected front-end (QEMU or any vhost-user VMM), and the
-// virtio-scsi request path that runs on reactors.
+// Package vhost serves vhost-user-scsi and vhost-user-blk controllers: one
+// unix socket each, a session per connected front-end (QEMU or any
+// vhost-user VMM), and the virtio-scsi and virtio-blk request paths that run
+// on reactors (blkdev.go has what differs for blk).
 //
 // The control plane (message parsing, memory tables, ring setup) runs on one
 // goroutine per connection. A request queue, once started, is owned by one
@@ -89,7 +90,8 @@ type Config struct {
 // MaxQueues bounds the request queues of one session (vring index < 2+MaxQueues).
 const MaxQueues = 64
 
-// Controller is one vhost-user-scsi socket and the sessions on it.
+// Controller is one vhost-user-scsi or vhost-user-blk socket and the
+// sessions on it.
 type Controller struct {
 	cfg   Config
 	log   *slog.Logger

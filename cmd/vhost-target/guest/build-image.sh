@@ -127,12 +127,12 @@ extract_vmlinux() {
 extract_vmlinux kpkg/boot/vmlinuz-"$KVER" vmlinux || { echo "could not extract vmlinux" >&2; exit 1; }
 strip --strip-debug -o vmlinux.s vmlinux 2>/dev/null && mv vmlinux.s vmlinux || true
 
-# Modules: the virtio-scsi / sd / sg chain, dependencies first (modules.dep),
-# virtio_scsi last so sd and sg bind during its synchronous scan.
+# Modules: the virtio-scsi / sd / sg chain and virtio_blk, dependencies first
+# (modules.dep), virtio_scsi last so sd and sg bind during its synchronous scan.
 MODDIR=kpkg/lib/modules/$KVER
 # The package ships no modules.dep (its postinst runs depmod): generate it.
 depmod -b "$WORK/kpkg" "$KVER"
-WANT="scsi_common scsi_mod crct10dif_common crct10dif_generic crct10dif_pclmul crc_t10dif crc64_rocksoft_generic crc64_rocksoft t10_pi sd_mod sg virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_scsi"
+WANT="scsi_common scsi_mod crct10dif_common crct10dif_generic crct10dif_pclmul crc_t10dif crc64_rocksoft_generic crc64_rocksoft t10_pi sd_mod sg virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk virtio_scsi"
 awk -v want="$WANT" -v builtin="$MODDIR/modules.builtin" '
 function base(p,   b) { b = p; sub(/.*\//, "", b); sub(/\.ko(\.xz|\.zst|\.gz)?$/, "", b); gsub(/-/, "_", b); return b }
 function visit(m,   n, i, d) {
@@ -159,7 +159,7 @@ while read -r p; do
 	esac
 	echo "$b" >>"$ROOT/etc/modules.load"
 done <modules.order
-for m in sd_mod virtio_scsi virtio_pci; do
+for m in sd_mod virtio_scsi virtio_blk virtio_pci; do
 	grep -q "^$m.ko" "$ROOT/etc/modules.load" || grep -q "/$m.ko" "$MODDIR/modules.builtin" ||
 		{ echo "module $m neither found nor built in" >&2; exit 1; }
 done

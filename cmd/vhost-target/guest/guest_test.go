@@ -240,7 +240,8 @@ func TestQEMUArgs(t *testing.T) {
 	t.Setenv("VHOST_TARGET_GUEST_ACCEL", "tcg")
 	o := Options{
 		Image:       &Image{Kernel: "/k", Initramfs: "/i"},
-		Controllers: []Controller{{Socket: "/run/a.sock", NumQueues: 4}, {Socket: "/run/b.sock", Extra: "virtqueue_size=256"}},
+		Controllers: []Controller{{Socket: "/run/a.sock", NumQueues: 4}, {Socket: "/run/b.sock", Extra: "virtqueue_size=256"},
+			{Socket: "/run/c.sock", Blk: true, NumQueues: 2}},
 		MemoryMiB:   1024, CPUs: 2, Boots: 1, SkipFirmwareScan: true,
 	}
 	got := strings.Join(qemuArgs(o, "/tmp/initrd", "tok"), " ")
@@ -249,6 +250,7 @@ func TestQEMUArgs(t *testing.T) {
 		"-accel tcg,thread=multi -cpu max -no-reboot -boot strict=on",
 		"-chardev socket,id=vhost0,path=/run/a.sock -device vhost-user-scsi-pci,id=scsi0,chardev=vhost0,num_queues=4",
 		"-chardev socket,id=vhost1,path=/run/b.sock -device vhost-user-scsi-pci,id=scsi1,chardev=vhost1,virtqueue_size=256",
+		"-chardev socket,id=vhost2,path=/run/c.sock -device vhost-user-blk-pci,id=blk2,chardev=vhost2,num-queues=2",
 		"-kernel /k -initrd /tmp/initrd -append console=ttyS0 quiet panic=-1 scsi_mod.scan=sync vt_token=tok",
 	} {
 		if !strings.Contains(got, want) {

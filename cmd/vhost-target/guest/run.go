@@ -24,9 +24,11 @@ import (
 
 const qemuBinary = "qemu-system-x86_64"
 
-// Controller is one vhost-user-scsi-pci device backed by a target socket.
+// Controller is one vhost-user-scsi-pci (or, with Blk, vhost-user-blk-pci)
+// device backed by a target socket.
 type Controller struct {
 	Socket    string
+	Blk       bool   // vhost-user-blk-pci: the guest sees /dev/vdX
 	NumQueues int    // request queues; 0 leaves QEMU's default (1)
 	Extra     string // extra -device properties, e.g. "virtqueue_size=256,bootindex=1"
 	// Reconnect > 0 adds reconnect-ms to the socket chardev (QEMU 9.2 and
@@ -255,8 +257,15 @@ func qemuArgs(o Options, initrd, token string) []string {
 		}
 		a = append(a, "-chardev", chr)
 		dev := fmt.Sprintf("vhost-user-scsi-pci,id=scsi%d,chardev=vhost%d", i, i)
+		if c.Blk {
+			dev = fmt.Sprintf("vhost-user-blk-pci,id=blk%d,chardev=vhost%d", i, i)
+		}
 		if c.NumQueues > 0 {
-			dev += ",num_queues=" + strconv.Itoa(c.NumQueues)
+			if c.Blk {
+				dev += ",num-queues=" + strconv.Itoa(c.NumQueues)
+			} else {
+				dev += ",num_queues=" + strconv.Itoa(c.NumQueues)
+			}
 		}
 		if o.BIOS && i == 0 && !strings.Contains(c.Extra, "bootindex") {
 			dev += ",bootindex=1"
