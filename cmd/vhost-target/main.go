@@ -1,5 +1,5 @@
-// Command vhost-target serves virtual SCSI disks to QEMU/KVM guests over
-// vhost-user-scsi.
+// Command vhost-target serves virtual disks to QEMU/KVM guests over
+// vhost-user-scsi and vhost-user-blk.
 //
 //	vhost-target [-c target.toml] [--check] [-log-level info]
 //
@@ -234,6 +234,11 @@ func (t *target) newController(c *config.Config, cc *config.Controller) (*vhost.
 	for _, cpu := range cc.CPUs {
 		vc.Reactors = append(vc.Reactors, t.byCPU[cpu])
 	}
+	disk := []any{"luns", len(cc.LUNs)}
+	if cc.Type == config.ControllerBlk {
+		vc.Kind, vc.Disk, vc.ReadOnly = vhost.KindBlk, t.bdevs[cc.Bdev], cc.ReadOnly
+		disk = []any{"bdev", cc.Bdev, "read_only", cc.ReadOnly}
+	}
 	for _, l := range cc.LUNs {
 		vc.LUNs = append(vc.LUNs, vhost.LUNSpec{Target: l.Target, LUN: l.LUN, Bdev: t.bdevs[l.Bdev]})
 	}
@@ -244,8 +249,9 @@ func (t *target) newController(c *config.Config, cc *config.Controller) (*vhost.
 	if err := ctrl.Listen(); err != nil {
 		return nil, err
 	}
-	t.log.Info("controller listening", "controller", cc.Name, "socket", vc.SocketPath,
-		"luns", len(cc.LUNs), "num_queues", cc.NumQueues, "max_sessions", cc.MaxSessions, "migration", cc.Migration, "cpus", fmt.Sprint(cc.CPUs))
+	attrs := append([]any{"controller", cc.Name, "type", cc.Type, "socket", vc.SocketPath}, disk...)
+	t.log.Info("controller listening", append(attrs, "num_queues", cc.NumQueues, "max_sessions", cc.MaxSessions,
+		"migration", cc.Migration, "cpus", fmt.Sprint(cc.CPUs))...)
 	return ctrl, nil
 }
 

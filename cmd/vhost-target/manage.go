@@ -72,11 +72,15 @@ func validate(c *config.Config, source string) error {
 	return nil
 }
 
-// usersOf names what uses bdev name in c: LUNs and error bdevs built on it.
+// usersOf names what uses bdev name in c: LUNs, blk controllers and error
+// bdevs built on it.
 func usersOf(c *config.Config, name string) []string {
 	var users []string
 	for i := range c.Controllers {
 		ctrl := &c.Controllers[i]
+		if ctrl.Type == config.ControllerBlk && ctrl.Bdev == name {
+			users = append(users, fmt.Sprintf("blk controller %q", ctrl.Name))
+		}
 		for _, l := range ctrl.LUNs {
 			if l.Bdev == name {
 				users = append(users, fmt.Sprintf("controller %q target %d lun %d", ctrl.Name, l.Target, l.LUN))
@@ -152,7 +156,8 @@ func (t *target) deleteBdevLocked(name, source string) error {
 
 // resizeBdev sets a bdev's size in bytes (bdev_resize), then tells every
 // controller serving it, which raises UNIT ATTENTION 2A/09 and the virtio
-// PARAM_CHANGE event for its guests.
+// PARAM_CHANGE event for the guests of a scsi controller, and a config
+// change notification for those of a blk controller.
 func (t *target) resizeBdev(name string, size uint64) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -227,8 +232,9 @@ func (t *target) rescanBdev(name, typ string) error {
 	return t.capacityChangedLocked(name)
 }
 
-// capacityChangedLocked tells every controller with a LUN on bdev name, and
-// on error bdevs built over it, that its capacity changed.
+// capacityChangedLocked tells every controller serving bdev name, or an
+// error bdev built over it (by a LUN or as a blk controller's disk), that
+// its capacity changed.
 func (t *target) capacityChangedLocked(name string) error {
 	names := []string{name}
 	for i := range t.cfg.Bdevs {
@@ -239,6 +245,11 @@ func (t *target) capacityChangedLocked(name string) error {
 	var errs []error
 	for i := range t.cfg.Controllers {
 		ctrl := &t.cfg.Controllers[i]
+		if ctrl.Type == config.ControllerBlk && slices.Contains(names, ctrl.Bdev) {
+			if err := t.ctrls[ctrl.Name].CapacityChanged(t.bdevs[ctrl.Bdev]); err != nil {
+				errs = append(errs, fmt.Errorf("controller %q: %w", ctrl.Name, err))
+			}
+		}
 		for _, l := range ctrl.LUNs {
 			if slices.Contains(names, l.Bdev) {
 				if err := t.ctrls[ctrl.Name].CapacityChanged(t.bdevs[l.Bdev]); err != nil {
@@ -254,7 +265,7 @@ func (t *target) capacityChangedLocked(name string) error {
 }
 
 // addController validates, creates and starts listening on a new controller
-// (its LUNs, if any, are added too).
+// (its LUNs, if any, are added too; a blk controller opens its disk).
 func (t *target) addController(cc config.Controller, source string) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -264,6 +275,16 @@ func (t *target) addController(cc config.Controller, source string) error {
 func (t *target) addControllerLocked(cc config.Controller, source string) error {
 	if t.cfg.Controller(cc.Name) != nil {
 		return errf(codeEEXIST, "controller %q already exists", cc.Name)
+	}
+	if cc.Type == config.ControllerBlk && cc.Bdev != "" {
+		// As for a LUN added at runtime (addLUNLocked): the codes say "no
+		// such bdev" and "in use" rather than "invalid parameters".
+		if t.cfg.Bdev(cc.Bdev) == nil {
+			return errf(codeENODEV, "bdev %q does not exist", cc.Bdev)
+		}
+		if users := usersOf(t.cfg, cc.Bdev); len(users) > 0 {
+			return errf(codeEBUSY, "bdev %q is already used by %s", cc.Bdev, strings.Join(users, ", "))
+		}
 	}
 	next := t.cfg.Clone()
 	next.Controllers = append(next.Controllers, cc)
@@ -323,10 +344,24 @@ func (t *target) addLUN(ctrl string, l config.LUN, source string) error {
 	return t.addLUNLocked(ctrl, l, source)
 }
 
-func (t *target) addLUNLocked(ctrl string, l config.LUN, source string) error {
-	c := t.ctrls[ctrl]
+// scsiControllerLocked returns the running scsi controller called name; a
+// blk controller has no targets or LUNs to change.
+func (t *target) scsiControllerLocked(name string) (*vhost.Controller, error) {
+	c := t.ctrls[name]
 	if c == nil {
-		return errf(codeENODEV, "controller %q does not exist", ctrl)
+		return nil, errf(codeENODEV, "controller %q does not exist", name)
+	}
+	if cc := t.cfg.Controller(name); cc.Type != config.ControllerSCSI {
+		return nil, errf(codeEINVAL, "controller %q is a %s controller: it serves one bdev (%q) and has no SCSI targets or LUNs",
+			name, cc.Type, cc.Bdev)
+	}
+	return c, nil
+}
+
+func (t *target) addLUNLocked(ctrl string, l config.LUN, source string) error {
+	c, err := t.scsiControllerLocked(ctrl)
+	if err != nil {
+		return err
 	}
 	if t.cfg.Bdev(l.Bdev) == nil {
 		return errf(codeENODEV, "bdev %q does not exist", l.Bdev)
@@ -362,9 +397,9 @@ func (t *target) removeLUNs(ctrl string, target uint8, lun int, source string) e
 }
 
 func (t *target) removeLUNsLocked(ctrl string, target uint8, lun int, source string) error {
-	c := t.ctrls[ctrl]
-	if c == nil {
-		return errf(codeENODEV, "controller %q does not exist", ctrl)
+	c, err := t.scsiControllerLocked(ctrl)
+	if err != nil {
+		return err
 	}
 	cc := t.cfg.Controller(ctrl)
 	var gone []config.LUN

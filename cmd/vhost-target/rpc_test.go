@@ -87,7 +87,7 @@ func TestRPCMethods(t *testing.T) {
 		"bdev_aio_rescan", "bdev_get_bdevs", "vhost_create_scsi_controller", "vhost_scsi_controller_add_target",
 		"vhost_scsi_controller_remove_target", "vhost_delete_controller", "vhost_get_controllers", "save_config",
 		"spdk_get_version", "bdev_file_create", "bdev_resize", "vhost_scsi_controller_add_lun",
-		"vhost_scsi_controller_remove_lun", "framework_reload"} {
+		"vhost_scsi_controller_remove_lun", "framework_reload", "vhost_create_blk_controller"} {
 		if !slices.Contains(methods, want) {
 			t.Errorf("rpc_get_methods lacks %s", want)
 		}
@@ -272,12 +272,14 @@ func jsonEqual(t *testing.T, got []byte, want any) bool {
 }
 
 // TestRPCSaveConfig: save_config's text, given to a new target, reproduces
-// the running one (bdevs, controllers, LUNs).
+// the running one (bdevs, scsi and blk controllers, LUNs).
 func TestRPCSaveConfig(t *testing.T) {
 	_, c := rpcTarget(t, rpcBase)
 	call[string](t, c, "bdev_malloc_create", m{"name": "m1", "num_blocks": 512, "block_size": 4096, "uuid": "01234567-89ab-cdef-0123-456789abcdef"})
 	call[bool](t, c, "vhost_create_scsi_controller", m{"ctrlr": "c1", "max_sessions": 2})
 	call[int](t, c, "vhost_scsi_controller_add_target", m{"ctrlr": "c1", "scsi_target_num": 3, "bdev_name": "m1"})
+	call[string](t, c, "bdev_malloc_create", m{"name": "m2", "num_blocks": 64, "block_size": 512})
+	call[bool](t, c, "vhost_create_blk_controller", m{"ctrlr": "b1", "dev_name": "m2", "readonly": true, "num_queues": 2})
 	text := call[string](t, c, "save_config", nil)
 	cfg, err := config.Parse([]byte(text), "saved.toml")
 	if err != nil {

@@ -126,6 +126,8 @@ type getBdevs struct {
 	Timeout int    `json:"timeout"` // SPDK: wait for the bdev; ours answers at once
 }
 
+// createController are vhost_create_scsi_controller's parameters, and the
+// ones vhost_create_blk_controller shares.
 type createController struct {
 	Ctrlr       string `json:"ctrlr"`
 	Cpumask     string `json:"cpumask"`
@@ -136,6 +138,20 @@ type createController struct {
 	SocketOwner string `json:"socket_owner"`
 	SocketGroup string `json:"socket_group"`
 }
+
+// createBlkController are vhost_create_blk_controller's parameters: SPDK's
+// (ctrlr, dev_name, cpumask, readonly, packed_ring, transport) and ours.
+type createBlkController struct {
+	createController
+	DevName    string `json:"dev_name"`
+	Readonly   bool   `json:"readonly"`
+	PackedRing bool   `json:"packed_ring"`
+	Transport  string `json:"transport"`
+}
+
+// blkTransport is SPDK's name of the one virtio-blk transport served here
+// (vhost_create_blk_controller's transport, vhost_get_controllers' block.transport).
+const blkTransport = "vhost_user_blk"
 
 // targetAddr is the controller and SCSI target the target and LUN methods name.
 type targetAddr struct {
@@ -200,6 +216,7 @@ func (t *target) methods() map[string]rpc.Handler {
 		"bdev_resize":                         handler(t.rpcResize),
 		"bdev_get_bdevs":                      handler(t.rpcGetBdevs),
 		"vhost_create_scsi_controller":        handler(t.rpcCreateController),
+		"vhost_create_blk_controller":         handler(t.rpcCreateBlkController),
 		"vhost_scsi_controller_add_target":    handler(t.rpcAddTarget),
 		"vhost_scsi_controller_remove_target": handler(t.rpcRemoveTarget),
 		"vhost_scsi_controller_add_lun":       handler(t.rpcAddLUN),
@@ -504,16 +521,25 @@ func formatCPUMask(cpus []int) string {
 }
 
 func (t *target) rpcCreateController(_ context.Context, p *createController) (any, error) {
-	if p.Ctrlr == "" {
-		return nil, invalid("ctrlr: required")
+	cc, err := p.controller(t.runningConfig())
+	if err != nil {
+		return nil, err
 	}
-	cfg := t.runningConfig()
+	return true, t.addController(cc, "rpc")
+}
+
+// controller checks the parameters every controller type takes and returns
+// a scsi controller with them and the defaults.
+func (p *createController) controller(cfg *config.Config) (config.Controller, error) {
+	if p.Ctrlr == "" {
+		return config.Controller{}, invalid("ctrlr: required")
+	}
 	cc := config.NewController(p.Ctrlr, slices.Clone(cfg.Reactors.CPUs))
 	cc.SocketOwner, cc.SocketGroup = p.SocketOwner, p.SocketGroup
 	if p.Cpumask != "" {
 		cpus, err := parseCPUMask(p.Cpumask)
 		if err != nil {
-			return nil, invalid("cpumask: %v", err)
+			return config.Controller{}, invalid("cpumask: %v", err)
 		}
 		cc.CPUs = cpus
 	}
@@ -529,10 +555,30 @@ func (t *target) rpcCreateController(_ context.Context, p *createController) (an
 	if p.SocketMode != "" {
 		m, err := strconv.ParseUint(strings.TrimPrefix(p.SocketMode, "0o"), 8, 32)
 		if err != nil || m > 0o777 {
-			return nil, invalid("socket_mode: %q is not an octal mode such as \"0660\"", p.SocketMode)
+			return config.Controller{}, invalid("socket_mode: %q is not an octal mode such as \"0660\"", p.SocketMode)
 		}
 		cc.SocketMode = uint32(m)
 	}
+	return cc, nil
+}
+
+// rpcCreateBlkController makes a vhost-user-blk controller serving bdev
+// dev_name. SPDK's packed_ring is refused when true (the rings served here
+// are split rings), and transport may only name vhost-user-blk.
+func (t *target) rpcCreateBlkController(_ context.Context, p *createBlkController) (any, error) {
+	cc, err := p.controller(t.runningConfig())
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case p.DevName == "":
+		return nil, invalid("dev_name: required: the bdev the controller serves")
+	case p.PackedRing:
+		return nil, errf(codeENOTSUP, "packed_ring: packed virtqueues are not supported; leave packed_ring false (split rings)")
+	case p.Transport != "" && p.Transport != blkTransport:
+		return nil, invalid("transport: %q is not %q, the only transport served", p.Transport, blkTransport)
+	}
+	cc.Type, cc.Bdev, cc.ReadOnly = config.ControllerBlk, p.DevName, p.Readonly
 	return true, t.addController(cc, "rpc")
 }
 
@@ -629,9 +675,11 @@ func (t *target) rpcRemoveLUN(_ context.Context, p *removeLUN) (any, error) {
 }
 
 // controllerJSON is one controller as SPDK's vhost_get_controllers shows it,
-// with our num_queues, max_sessions and sessions added.
+// with our type, num_queues, max_sessions, migration and sessions added.
+// BackendSpecific is SPDK's {"scsi": [scsiDevJSON...]} or {"block": blkJSON}.
 type controllerJSON struct {
 	Ctrlr           string         `json:"ctrlr"`
+	Type            string         `json:"type"`
 	Cpumask         string         `json:"cpumask"`
 	DelayBaseUs     int            `json:"delay_base_us"`
 	IopsThreshold   int            `json:"iops_threshold"`
@@ -655,6 +703,13 @@ type lunJSON struct {
 	BdevName string `json:"bdev_name"`
 }
 
+// blkJSON is a blk controller's backend_specific.block, as SPDK writes it.
+type blkJSON struct {
+	Readonly  bool   `json:"readonly"`
+	Bdev      string `json:"bdev"`
+	Transport string `json:"transport"`
+}
+
 func (t *target) rpcGetControllers(_ context.Context, p *ctrlrName) (any, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -662,6 +717,15 @@ func (t *target) rpcGetControllers(_ context.Context, p *ctrlrName) (any, error)
 	for i := range t.cfg.Controllers {
 		cc := &t.cfg.Controllers[i]
 		if p.Name != "" && cc.Name != p.Name {
+			continue
+		}
+		cj := controllerJSON{
+			Ctrlr: cc.Name, Type: cc.Type, Cpumask: formatCPUMask(cc.CPUs), Socket: t.cfg.SocketPath(cc),
+			NumQueues: cc.NumQueues, MaxSessions: cc.MaxSessions, Migration: cc.Migration, Sessions: t.ctrls[cc.Name].Sessions(),
+		}
+		if cc.Type == config.ControllerBlk {
+			cj.BackendSpecific = map[string]any{"block": blkJSON{Readonly: cc.ReadOnly, Bdev: cc.Bdev, Transport: blkTransport}}
+			out = append(out, cj)
 			continue
 		}
 		byTarget := map[int][]lunJSON{}
@@ -675,11 +739,8 @@ func (t *target) rpcGetControllers(_ context.Context, p *ctrlrName) (any, error)
 				devs = append(devs, scsiDevJSON{SCSIDevNum: tid, ID: tid, TargetName: "Target " + strconv.Itoa(tid), LUNs: luns})
 			}
 		}
-		out = append(out, controllerJSON{
-			Ctrlr: cc.Name, Cpumask: formatCPUMask(cc.CPUs), Socket: t.cfg.SocketPath(cc),
-			NumQueues: cc.NumQueues, MaxSessions: cc.MaxSessions, Migration: cc.Migration, Sessions: t.ctrls[cc.Name].Sessions(),
-			BackendSpecific: map[string]any{"scsi": devs},
-		})
+		cj.BackendSpecific = map[string]any{"scsi": devs}
+		out = append(out, cj)
 	}
 	if p.Name != "" && len(out) == 0 {
 		return nil, &rpc.Error{Code: codeENODEV, Message: fmt.Sprintf("controller %q does not exist", p.Name)}
