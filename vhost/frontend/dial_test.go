@@ -52,8 +52,11 @@ type fakeBackend struct {
 	ln       *net.UnixListener
 	features uint64
 	pf       uint64
-	nackMem  bool   // refuse SET_MEM_TABLE
-	baseSkew uint32 // added to GET_VRING_BASE answers
+	nackMem  bool        // refuse SET_MEM_TABLE
+	baseSkew uint32      // added to GET_VRING_BASE answers
+	blk      *fakeBlkDev // vhost-user-blk: rings run it instead of fakeSCSI
+	config   []byte      // the config space GET_CONFIG reads and SET_CONFIG writes
+	cfgSkew  int         // added to the size of GET_CONFIG answers
 
 	mu      sync.Mutex
 	msgs    []recorded
@@ -66,6 +69,9 @@ type fakeBackend struct {
 	addr    map[uint32]proto.VringAddr
 	calls   map[uint32]int
 	enabled map[uint32]bool
+	getCfg  []proto.Config // GET_CONFIG headers received
+	setCfg  []proto.Config // SET_CONFIG headers received
+	backend *proto.Conn    // the back-end channel SET_BACKEND_REQ_FD gave
 	errc    chan error
 }
 
@@ -106,6 +112,9 @@ func (b *fakeBackend) serve() {
 		err = b.loop(proto.NewConn(c))
 		b.stopAll()
 		b.unmap()
+		if b.backend != nil {
+			b.backend.Close()
+		}
 		c.Close()
 		b.errc <- err
 	}()
@@ -255,6 +264,39 @@ func (b *fakeBackend) handle(c *proto.Conn, m *proto.Msg) (bool, error) {
 		return true, c.Reply(m.Request, proto.VringState{Index: s.Index, Num: uint32(last) + b.baseSkew}.Encode())
 	case proto.ResetDevice:
 		b.stopAll()
+	case proto.GetConfig:
+		cfg, _, err := proto.DecodeConfig(m)
+		if err != nil {
+			return false, err
+		}
+		b.getCfg = append(b.getCfg, cfg)
+		p := make([]byte, max(proto.ConfigHeaderSize+int(cfg.Size)+b.cfgSkew, 0))
+		copy(p, m.Payload[:proto.ConfigHeaderSize])
+		if int(cfg.Offset) < len(b.config) {
+			copy(p[proto.ConfigHeaderSize:], b.config[cfg.Offset:])
+		}
+		return true, c.Reply(m.Request, p)
+	case proto.SetConfig:
+		cfg, data, err := proto.DecodeConfig(m)
+		if err != nil {
+			return false, err
+		}
+		b.setCfg = append(b.setCfg, cfg)
+		if int(cfg.Offset)+len(data) <= len(b.config) {
+			copy(b.config[cfg.Offset:], data)
+		}
+	case proto.SetBackendReqFD:
+		if len(m.FDs) != 1 {
+			return false, fmt.Errorf("%d fds", len(m.FDs))
+		}
+		f := os.NewFile(uintptr(m.FDs[0]), "backend")
+		m.FDs[0] = -1
+		fc, err := net.FileConn(f)
+		f.Close()
+		if err != nil {
+			return false, err
+		}
+		b.backend = proto.NewConn(fc.(*net.UnixConn))
 	case proto.SetOwner, proto.SetFeatures:
 	default:
 		return false, fmt.Errorf("unexpected message")
@@ -296,6 +338,9 @@ func (b *fakeBackend) startRing(i uint32, kick int) error {
 	}
 	f := &fakeRing{vring: int(i), size: n, desc: desc, avail: avail, used: used, handle: fakeSCSI,
 		lastAvail: b.base[i], usedIdx: b.base[i]}
+	if b.blk != nil {
+		f.blk, f.handle = true, b.blk.handle
+	}
 	f.mem = func(gpa uint64, n int) []byte { return b.view(gpa, n, false) }
 	f.next = func(gpa uint64) uint64 {
 		if r, _ := b.find(gpa, false); r != nil {

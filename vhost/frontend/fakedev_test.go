@@ -25,6 +25,7 @@ type fakeRing struct {
 	call     atomic.Int32
 	calls    int
 	handle   func(vring int, rd, wr [][]byte) uint32
+	blk      bool // vhost-user-blk: every vring is a request queue (no event queue)
 
 	lastAvail, usedIdx uint16
 	err                error
@@ -48,7 +49,7 @@ func (r *fakeRing) process() int {
 	for {
 		n := 0
 		for ai := r.availIdx(); r.lastAvail != ai; {
-			if r.vring == EventVring && len(r.events) == 0 {
+			if r.vring == EventVring && !r.blk && len(r.events) == 0 {
 				break
 			}
 			head := binary.LittleEndian.Uint16(r.avail[4+2*int(r.lastAvail%r.size):])
@@ -58,7 +59,7 @@ func (r *fakeRing) process() int {
 			switch {
 			case err != nil:
 				r.err = err
-			case r.vring == EventVring:
+			case r.vring == EventVring && !r.blk:
 				ln = uint32(scatter(wr, 0, r.events[0]))
 				r.events = r.events[1:]
 			default:

@@ -1,6 +1,6 @@
-// Package frontend is the VMM side of vhost-user-scsi: it plays QEMU 7.2
-// against a vhost-user-scsi socket so tests, fuzzers and the load generator
-// can drive the target without a VM. It shares no code with the target's
+// Package frontend is the VMM side of vhost-user-scsi and vhost-user-blk: it
+// plays QEMU 7.2 against a vhost-user socket so tests, fuzzers and the load
+// generator can drive the target without a VM (Options.Blk: vhost-user-blk). It shares no code with the target's
 // rings (vhost/virtq) on purpose: the driver-side split ring here is a second,
 // independent reading of the virtio spec.
 //
@@ -23,7 +23,8 @@ import (
 	"vhost-target/vhost/proto"
 )
 
-// Virtio-scsi vring indexes.
+// Virtio-scsi vring indexes (a vhost-user-blk device has request queues
+// only: vring i is request queue i).
 const (
 	ControlVring = 0
 	EventVring   = 1
@@ -32,7 +33,7 @@ const (
 
 // Options configure a front-end. Zero values pick the defaults noted.
 type Options struct {
-	NumQueues  int    // request queues; vrings = 2 + NumQueues (default 1)
+	NumQueues  int    // request queues; vrings = 2 + NumQueues (Blk: NumQueues) (default 1)
 	QueueSize  uint16 // power of two (default 128)
 	MemSize    uint64 // guest RAM bytes (default: 64 MiB, doubled until the layout fits)
 	Regions    int    // 1 (default) or 2 memfds at GPA 0 and MemSize/2
@@ -87,11 +88,39 @@ type Options struct {
 	// Inflight acks PROTOCOL_F_INFLIGHT_SHMFD when offered and plays QEMU
 	// 8.2+'s vhost-user-scsi start: GET_INFLIGHT_FD once (the area is kept
 	// for the device's life), SET_INFLIGHT_FD before SET_FEATURES at every
-	// start. Reconnect hands the area to the next back-end.
+	// start. Reconnect hands the area to the next back-end. (QEMU's
+	// vhost-user-blk does this since 4.0, so a QEMU-like blk device sets it.)
 	Inflight bool
+
+	// Blk makes the device vhost-user-blk, as QEMU's vhost-user-blk-pci
+	// drives it (hw/block/vhost-user-blk.c): the vrings are the NumQueues
+	// request queues only (vring i is request queue i, no control or event
+	// queue); the feature ack is virtio-blk's (BlkFeatures); protocol feature
+	// CONFIG is acked by default and Negotiate reads the config space with
+	// GET_CONFIG (offset 0, ConfigLen bytes) after the per-vring CALL/ERR fds,
+	// as QEMU does at realize (it refuses a back-end without CONFIG).
+	// Requests go through DoBlk and the slots' PrepareBlk. Only PeerQEMU.
+	Blk bool
+	// ConfigLen is the GET_CONFIG size at connect (default
+	// BlkConfigLenQEMU: QEMU's vhost-user-blk with its discard and
+	// write-zeroes properties on, as they are by default).
+	ConfigLen int
+	// NoGetConfig skips the GET_CONFIG at connect (and the CONFIG
+	// requirement).
+	NoGetConfig bool
+	// BackendReq acks PROTOCOL_F_BACKEND_REQ when offered and, right after
+	// GET_QUEUE_NUM, hands the back-end one end of a socketpair with
+	// SET_BACKEND_REQ_FD (NEED_REPLY with REPLY_ACK), as QEMU's
+	// vhost_setup_backend_channel does. What the back-end sends on it is
+	// kept for WaitBackend (CONFIG_CHANGE_MSG: HandleConfigChange).
+	BackendReq bool
 }
 
 const defaultProtocolMask = 1<<proto.PFMQ | 1<<proto.PFReplyAck | 1<<proto.PFResetDevice
+
+// defaultBlkProtocolMask is what QEMU's vhost-user-blk acks of the same
+// offer, plus CONFIG (vhost_user_blk_connect sets supports_config).
+const defaultBlkProtocolMask = defaultProtocolMask | 1<<proto.PFConfig
 
 // Peer is a front-end whose vhost-user message sequence Dial, Negotiate,
 // Start, Reset and Close play.
@@ -146,9 +175,18 @@ func (o *Options) fill() error {
 	}
 	if o.ProtocolMask == 0 {
 		o.ProtocolMask = defaultProtocolMask
+		if o.Blk {
+			o.ProtocolMask = defaultBlkProtocolMask
+		}
 	}
 	if o.Inflight {
 		o.ProtocolMask |= 1 << proto.PFInflightShmFD
+	}
+	if o.BackendReq {
+		o.ProtocolMask |= 1 << proto.PFBackendReq
+	}
+	if o.ConfigLen == 0 {
+		o.ConfigLen = BlkConfigLenQEMU
 	}
 	if o.Timeout == 0 {
 		o.Timeout = 10 * time.Second
@@ -165,9 +203,17 @@ func (o *Options) fill() error {
 	if o.EventBuffers == 0 {
 		o.EventBuffers = 8
 	}
+	maxQueues := 254 // 256 vrings, two of them control and event
+	if o.Blk {
+		maxQueues = 256
+	}
 	switch {
-	case o.NumQueues < 1 || o.NumQueues > 254:
+	case o.NumQueues < 1 || o.NumQueues > maxQueues:
 		return fmt.Errorf("frontend: %d request queues", o.NumQueues)
+	case o.Blk && o.Peer != PeerQEMU:
+		return fmt.Errorf("frontend: vhost-user-blk is modelled on QEMU only (Peer %d)", o.Peer)
+	case o.ConfigLen < 0 || o.ConfigLen > proto.ConfigMaxSize:
+		return fmt.Errorf("frontend: config length %d", o.ConfigLen)
 	case o.QueueSize&(o.QueueSize-1) != 0 || o.QueueSize > proto.MaxQueueSizeSplitRing:
 		return fmt.Errorf("frontend: queue size %d is not a power of two <= 32768", o.QueueSize)
 	case o.Regions != 1 && o.Regions != 2:
@@ -201,6 +247,10 @@ type Device struct {
 	// back-end's GET_INFLIGHT_FD answered, kept across Reconnect; -1 none.
 	inflight   proto.Inflight
 	inflightFD int
+
+	config     []byte // the config space GET_CONFIG read at connect (Blk)
+	configRead bool   // GET_CONFIG at connect done: a Reconnect does not repeat it
+	backend    *backendChannel
 }
 
 // NewUnstarted connects and builds guest memory and rings but sends nothing:
@@ -287,7 +337,7 @@ func (d *Device) place(size uint64) error {
 	o := &d.o
 	a := newAllocator(size, o.Regions)
 	n := o.QueueSize
-	d.vrings = make([]*Queue, firstRequest+o.NumQueues)
+	d.vrings = make([]*Queue, d.reqBase()+o.NumQueues)
 	for i := range d.vrings {
 		q := &Queue{d: d, index: i, size: n, base: o.VringBase}
 		var err error
@@ -301,14 +351,14 @@ func (d *Device) place(size uint64) error {
 			return err
 		}
 		scratch := uint64(o.ScratchSize)
-		if i < firstRequest {
+		if i < d.reqBase() {
 			scratch = 64 << 10
 		}
 		if q.scratchGPA, err = a.alloc(scratch, 4096); err != nil {
 			return err
 		}
 		q.scratchLen = scratch
-		if i >= firstRequest {
+		if i >= d.reqBase() {
 			q.slots = make([]Slot, o.Slots)
 			for k := range q.slots {
 				s := &q.slots[k]
@@ -328,6 +378,9 @@ func (d *Device) place(size uint64) error {
 			}
 		}
 		d.vrings[i] = q
+	}
+	if o.Blk {
+		return nil
 	}
 	var err error
 	d.eventGPA, err = a.alloc(uint64(o.EventBuffers*EventSize), 16)
@@ -385,13 +438,28 @@ func (d *Device) QueueNum() uint64 { return d.queueNum }
 // Conn returns the vhost-user connection for raw or malformed messages.
 func (d *Device) Conn() *proto.Conn { return d.conn }
 
-// Queue returns request queue i (vring 2+i).
-func (d *Device) Queue(i int) *Queue { return d.vrings[firstRequest+i] }
+// Queue returns request queue i (vring 2+i; with Options.Blk vring i).
+func (d *Device) Queue(i int) *Queue { return d.vrings[d.reqBase()+i] }
 
-// Vring returns any vring by index (0 control, 1 event, 2.. requests).
+// Vring returns any vring by index (0 control, 1 event, 2.. requests; with
+// Options.Blk all are request queues).
 func (d *Device) Vring(i int) *Queue { return d.vrings[i] }
 
-// NumVrings returns 2 + NumQueues.
+// Blk reports whether the device is vhost-user-blk (Options.Blk).
+func (d *Device) Blk() bool { return d.o.Blk }
+
+// reqBase is the vring of request queue 0: 2 (scsi) or 0 (blk).
+func (d *Device) reqBase() int {
+	if d.o.Blk {
+		return 0
+	}
+	return firstRequest
+}
+
+// hasEventQueue reports whether vring 1 is a virtio-scsi event queue.
+func (d *Device) hasEventQueue() bool { return !d.o.Blk }
+
+// NumVrings returns 2 + NumQueues (Options.Blk: NumQueues).
 func (d *Device) NumVrings() int { return len(d.vrings) }
 
 // Mem returns n guest bytes at gpa, or nil if they are not inside one region.
@@ -532,6 +600,11 @@ func (d *Device) Negotiate() error {
 	if err := d.getQueueNum(); err != nil {
 		return err
 	}
+	if d.o.BackendReq && d.hasPF(proto.PFBackendReq) {
+		if err := d.SetBackendReqFD(); err != nil {
+			return err
+		}
+	}
 	if err := d.Message(proto.SetOwner, false, nil); err != nil {
 		return err
 	}
@@ -548,6 +621,18 @@ func (d *Device) Negotiate() error {
 		if err != nil {
 			return err
 		}
+	}
+	if d.o.Blk && !d.o.NoGetConfig && !d.configRead {
+		// vhost_user_blk_realize_connect: the config space is read once,
+		// when the device is realized (a reconnect does not read it).
+		if !d.hasPF(proto.PFConfig) {
+			return fmt.Errorf("frontend: vhost-user-blk back-end did not offer PROTOCOL_F_CONFIG (offered %#x)", d.offeredPF)
+		}
+		cfg, err := d.GetConfig(0, uint32(d.o.ConfigLen))
+		if err != nil {
+			return err
+		}
+		d.config, d.configRead = cfg, true
 	}
 	return nil
 }
@@ -617,14 +702,14 @@ func (d *Device) startSPDK() error {
 		return err
 	}
 	for i := range d.vrings {
-		if d.o.SkipControlQueues && i < firstRequest {
+		if d.o.SkipControlQueues && i < d.reqBase() {
 			continue
 		}
 		if err := d.StartRing(i); err != nil {
 			return err
 		}
 	}
-	if d.vrings[EventVring].started {
+	if d.hasEventQueue() && d.vrings[EventVring].started {
 		return d.PostEvents()
 	}
 	return nil
@@ -636,6 +721,13 @@ func (d *Device) chooseFeatures() uint64 {
 		return d.o.AckFeatures(d.offered)
 	}
 	want := uint64(1)<<proto.FVersion1 | 1<<proto.FVirtioSCSIHotplug | 1<<proto.FVirtioSCSIChange
+	if d.o.Blk {
+		want = 1<<proto.FVersion1 | blkDriverFeatures
+		if d.o.NumQueues == 1 {
+			// vhost_user_blk_get_features offers MQ only with num-queues > 1.
+			want &^= 1 << BlkFMQ
+		}
+	}
 	if d.o.Peer == PeerSPDK {
 		// VIRTIO_SCSI_DEV_SUPPORTED_FEATURES, plus VERSION_1 (virtio_dev_reset):
 		// no INDIRECT (SPDK chains descriptors), no CHANGE.
@@ -683,7 +775,7 @@ func (d *Device) start(postEvents bool) error {
 		return err
 	}
 	for i := range d.vrings {
-		if d.o.SkipControlQueues && i < firstRequest {
+		if d.o.SkipControlQueues && i < d.reqBase() {
 			continue
 		}
 		if err := d.StartRing(i); err != nil {
@@ -698,7 +790,7 @@ func (d *Device) start(postEvents bool) error {
 			return err
 		}
 	}
-	if postEvents && d.vrings[EventVring].started {
+	if postEvents && d.hasEventQueue() && d.vrings[EventVring].started {
 		return d.PostEvents()
 	}
 	return nil
@@ -757,6 +849,10 @@ func (d *Device) Reconnect(socket string) error {
 		return fmt.Errorf("frontend: Reconnect on a closed device or a non-QEMU peer")
 	}
 	d.conn.Close()
+	if d.backend != nil {
+		d.backend.close() // the dead back-end's; Negotiate opens a new one
+		d.backend = nil
+	}
 	var restart []int
 	for i, q := range d.vrings {
 		q.mu.Lock()
@@ -945,7 +1041,7 @@ func (d *Device) stop() error {
 		// is everything made available. The device takes event buffers only
 		// when it has events: anything from what it completed up to that.
 		ok := base == uint32(q.published)
-		if i == EventVring {
+		if i == EventVring && d.hasEventQueue() {
 			ok = base <= 0xffff && uint16(base)-q.lastUsed <= q.published-q.lastUsed
 		}
 		if !ok {
@@ -994,6 +1090,9 @@ func (d *Device) release() {
 	for _, q := range d.vrings {
 		q.closeFDs()
 		q.started = false
+	}
+	if d.backend != nil {
+		d.backend.close()
 	}
 	if d.mem != nil {
 		d.mem.free()

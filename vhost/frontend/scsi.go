@@ -309,6 +309,9 @@ func (d *Device) do(c Command) (*Response, error) {
 // respLen device-writable buffer) and returns the response bytes and used
 // length. TMF and AN are built on it; hostile tests can send anything.
 func (d *Device) Control(req []byte, respLen int) ([]byte, uint32, error) {
+	if !d.hasEventQueue() {
+		return nil, 0, fmt.Errorf("frontend: a vhost-user-blk device has no control queue")
+	}
 	q := d.vrings[ControlVring]
 	q.mu.Lock()
 	defer q.mu.Unlock()
@@ -397,6 +400,9 @@ type Event struct {
 
 // PostEvents makes every idle event buffer available to the device.
 func (d *Device) PostEvents() error {
+	if !d.hasEventQueue() {
+		return fmt.Errorf("frontend: a vhost-user-blk device has no event queue")
+	}
 	q := d.vrings[EventVring]
 	if !q.started {
 		return fmt.Errorf("frontend: event queue not started")
@@ -430,6 +436,9 @@ func (q *Queue) postEvent(i int) {
 // until timeout has passed: it then returns those that came and an error
 // wrapping ErrTimeout. n 0 returns at once with what is there.
 func (d *Device) WaitEvents(n int, timeout time.Duration) ([]Event, error) {
+	if !d.hasEventQueue() {
+		return nil, fmt.Errorf("frontend: a vhost-user-blk device has no event queue")
+	}
 	deadline := time.Now().Add(timeout)
 	var evs []Event
 	for {
@@ -447,6 +456,9 @@ func (d *Device) WaitEvents(n int, timeout time.Duration) ([]Event, error) {
 // Events returns the events the device has completed since the last call
 // and reposts their buffers.
 func (d *Device) Events() []Event {
+	if !d.hasEventQueue() {
+		return nil
+	}
 	q := d.vrings[EventVring]
 	if !q.started {
 		return nil

@@ -49,6 +49,7 @@ type Slot struct {
 	req, resp, ind          []byte
 	dir                     Dir
 	n                       int
+	blk                     bool // PrepareBlk: header, data, one status byte
 	usedLen                 uint32
 	busy                    bool
 }
@@ -131,13 +132,27 @@ func (q *Queue) Prepare(s *Slot, target uint8, lun uint16, cdb []byte, dir Dir, 
 	clear(c[copy(c, cdb):])
 	clear(s.resp[:12])
 	s.resp[11] = 0xff
-	s.dir, s.n = dir, n
+	s.dir, s.n, s.blk = dir, n, false
 }
 
-// Submit adds the prepared slot to the avail ring; the device sees it after
-// Kick. It panics when no descriptors are free (check Free first).
+// Submit adds the prepared slot (Prepare: request, data-out, response,
+// data-in; PrepareBlk: header, data, status) to the avail ring; the device
+// sees it after Kick. It panics when no descriptors are free (check Free first).
 func (q *Queue) Submit(s *Slot) {
 	descs := q.descBuf[:0]
+	if s.blk {
+		descs = append(descs, Desc{Addr: s.reqGPA, Len: BlkHeaderSize})
+		switch {
+		case s.n == 0:
+		case s.dir == DirIn:
+			descs = append(descs, Desc{Addr: s.DataGPA, Len: uint32(s.n), Flags: DescFWrite})
+		case s.dir == DirOut:
+			descs = append(descs, Desc{Addr: s.DataGPA, Len: uint32(s.n)})
+		}
+		descs = append(descs, Desc{Addr: s.respGPA, Len: 1, Flags: DescFWrite})
+		q.submitSlot(s, descs)
+		return
+	}
 	descs = append(descs, Desc{Addr: s.reqGPA, Len: ReqSize})
 	if s.dir == DirOut && s.n > 0 {
 		descs = append(descs, Desc{Addr: s.DataGPA, Len: uint32(s.n)})
@@ -146,6 +161,10 @@ func (q *Queue) Submit(s *Slot) {
 	if s.dir == DirIn && s.n > 0 {
 		descs = append(descs, Desc{Addr: s.DataGPA, Len: uint32(s.n), Flags: DescFWrite})
 	}
+	q.submitSlot(s, descs)
+}
+
+func (q *Queue) submitSlot(s *Slot, descs []Desc) {
 	var ok bool
 	if q.indirect {
 		_, ok = q.addIndirect(s.indGPA, s.ind, descs, headSlot, s, 0)
