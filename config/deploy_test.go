@@ -31,7 +31,7 @@ func TestDeployExample(t *testing.T) {
 }
 
 // TestDeployExampleCommented uncomments the optional blocks of the example
-// (the file bdev and its LUN) and checks the result still parses, so the
+// (the file bdev and its LUN, the blk controller and its bdev) and checks the result still parses, so the
 // commented-out lines are a working recipe too. socket_owner/socket_group
 // lines are left alone: their users need not exist on a test machine.
 func TestDeployExampleCommented(t *testing.T) {
@@ -61,5 +61,9 @@ func TestDeployExampleCommented(t *testing.T) {
 	}
 	if l := c.Controllers[1].LUNs; len(l) != 2 || l[1] != (LUN{Target: 1, Bdev: "disk0"}) {
 		t.Errorf("vhost.1 LUNs = %+v", l)
+	}
+	if b := c.Controller("blk.0"); b == nil || b.Type != ControllerBlk || b.Bdev != "disk1" || b.ReadOnly ||
+		c.Bdev("disk1") == nil || len(c.Controllers) != 3 {
+		t.Errorf("blk.0 = %+v", b)
 	}
 }

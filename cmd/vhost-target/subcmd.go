@@ -102,7 +102,7 @@ func wantsHelp(args []string) bool {
 // usage lists the subcommands and the daemon's flags (those run defines;
 // TestUsageListsDaemonFlags keeps the two lists equal).
 func usage(w io.Writer) {
-	fmt.Fprint(w, `vhost-target serves virtual SCSI disks to QEMU/KVM guests over vhost-user-scsi.
+	fmt.Fprint(w, `vhost-target serves virtual disks to QEMU/KVM guests over vhost-user-scsi and vhost-user-blk.
 
 Usage:
   vhost-target [-c target.toml] [-check] [-log-level LEVEL] [-cpuprofile FILE]
