@@ -10,9 +10,11 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"vhost-target/config"
 	"vhost-target/rpc"
+	"vhost-target/vhost/frontend"
 )
 
 // blkBase is rpcBase with a blk controller b0 serving mb read-only.
@@ -169,7 +171,8 @@ func TestRPCBlkController(t *testing.T) {
 
 // TestRPCBlkResize: bdev_resize of a blk controller's disk, or of the base
 // of an error bdev a blk controller serves, reaches that controller (its
-// CapacityChanged logs at DEBUG).
+// CapacityChanged logs at DEBUG) and a connected front-end gets the config
+// change notification and the new capacity.
 func TestRPCBlkResize(t *testing.T) {
 	var mu sync.Mutex
 	var changed []string
@@ -207,7 +210,20 @@ bdev = "e0"
 		slices.Sort(s)
 		return s
 	}
+	// A front-end of b0 with a back-end channel is told, and reads the new
+	// capacity from the config space, as QEMU's vhost-user-blk does.
+	dev, err := frontend.Dial(filepath.Join(tg.cfg.SocketDir, "b0"), frontend.Options{Blk: true, BackendReq: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	if got := dev.BlkConfig().Capacity; got != 1<<20/512 {
+		t.Errorf("b0's capacity at connect: %d sectors", got)
+	}
 	call[bool](t, c, "bdev_resize", m{"name": "mb", "new_size": 2})
+	if bc, err := dev.HandleConfigChange(5 * time.Second); err != nil || bc.Capacity != 2<<20/512 {
+		t.Errorf("b0's front-end after the resize: capacity %d sectors, %v", bc.Capacity, err)
+	}
 	if got := seen(); fmt.Sprint(got) != "[b0 mb 4096]" {
 		t.Errorf("after resizing mb: capacity changes %q, want b0's", got)
 	}
