@@ -35,6 +35,7 @@ type benchOpts struct {
 	mix        int // read percentage for randrw
 	queueSize  int
 	noEventIdx bool
+	blk        bool // the socket is a vhost-user-blk controller: virtio-blk IN/OUT requests
 	// precondition writes the range a workload reads before timing it
 	// (randread, randrw). The flag defaults to true; the zero value is off.
 	precondition bool
@@ -45,15 +46,16 @@ func benchMain(args []string) int {
 	var o benchOpts
 	var cpus string
 	var tgt, lun int
-	fs.StringVar(&o.socket, "socket", "", "vhost-user-scsi socket to load (required)")
+	fs.StringVar(&o.socket, "socket", "", "vhost-user-scsi (or, with -blk, vhost-user-blk) socket to load (required)")
+	fs.BoolVar(&o.blk, "blk", false, "the socket is a vhost-user-blk controller: virtio-blk IN/OUT requests (-target and -lun unused)")
 	fs.StringVar(&o.rw, "rw", "randread", "workload: randread, randwrite, randrw, verify")
 	fs.IntVar(&o.bs, "bs", 4096, "block size in bytes per I/O")
 	fs.IntVar(&o.qd, "qd", 32, "queue depth per request queue")
 	fs.IntVar(&o.queues, "queues", 1, "request queues (one busy-polling thread each)")
 	fs.DurationVar(&o.dur, "time", 10*time.Second, "duration")
 	fs.StringVar(&cpus, "cpus", "", "comma-separated CPUs to pin the queue threads to (default: unpinned)")
-	fs.IntVar(&tgt, "target", 0, "SCSI target")
-	fs.IntVar(&lun, "lun", 0, "LUN")
+	fs.IntVar(&tgt, "target", 0, "SCSI target (scsi only)")
+	fs.IntVar(&lun, "lun", 0, "LUN (scsi only)")
 	fs.IntVar(&o.mix, "mix", 70, "read percentage for randrw")
 	fs.IntVar(&o.queueSize, "queue-size", 256, "virtqueue size")
 	fs.BoolVar(&o.noEventIdx, "no-event-idx", false, "do not negotiate EVENT_IDX")
@@ -163,11 +165,13 @@ func (h *hist) quantile(q float64) time.Duration {
 
 type benchWorker struct {
 	q                *frontend.Queue
+	index            int // request queue
 	o                *benchOpts
 	rng              *rand.Rand
 	blocks           uint64 // in units of the LUN block size
 	lbsPerIO         uint64
 	lbs              uint64
+	sectorsPerLB     uint64 // blk: 512-byte sectors per logical block
 	h                hist
 	ios, bytes, errs atomic.Uint64
 	verifyErrs       uint64
@@ -198,21 +202,16 @@ func runBench(o benchOpts, progress *os.File) (*benchResult, error) {
 	mem = max(mem+32<<20, 64<<20)
 	dev, err := frontend.Dial(o.socket, frontend.Options{
 		NumQueues: o.queues, QueueSize: uint16(o.queueSize), Slots: o.qd, SlotDataSize: slotData,
-		MemSize: (mem + 2<<20 - 1) &^ (2<<20 - 1), NoEventIdx: o.noEventIdx,
+		MemSize: (mem + 2<<20 - 1) &^ (2<<20 - 1), NoEventIdx: o.noEventIdx, Blk: o.blk,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("connect %s: %w", o.socket, err)
 	}
 	defer dev.Close()
-	rc, err := dev.Do(frontend.Command{Target: o.target, LUN: o.lun, CDB: []byte{0x9e, 0x10, 10: 0, 13: 32}, DataInLen: 32})
+	nblocks, lbs, err := benchCapacity(dev, &o)
 	if err != nil {
-		return nil, fmt.Errorf("READ CAPACITY(16): %w", err)
+		return nil, err
 	}
-	if rc.Response != 0 || rc.Status != 0 {
-		return nil, fmt.Errorf("READ CAPACITY(16): response %d status %#x sense %x", rc.Response, rc.Status, rc.Sense)
-	}
-	nblocks := binary.BigEndian.Uint64(rc.DataIn[0:]) + 1
-	lbs := uint64(binary.BigEndian.Uint32(rc.DataIn[8:]))
 	if uint64(o.bs)%lbs != 0 {
 		return nil, fmt.Errorf("-bs %d is not a multiple of the LUN block size %d", o.bs, lbs)
 	}
@@ -223,8 +222,8 @@ func runBench(o benchOpts, progress *os.File) (*benchResult, error) {
 		return nil, errors.New("LUN too small for this block size and queue count")
 	}
 	for i := range workers {
-		w := &benchWorker{q: dev.Queue(i), o: &o, rng: rand.New(rand.NewPCG(uint64(i)+1, uint64(time.Now().UnixNano()))),
-			blocks: nblocks, lbsPerIO: uint64(o.bs) / lbs, lbs: lbs}
+		w := &benchWorker{q: dev.Queue(i), index: i, o: &o, rng: rand.New(rand.NewPCG(uint64(i)+1, uint64(time.Now().UnixNano()))),
+			blocks: nblocks, lbsPerIO: uint64(o.bs) / lbs, lbs: lbs, sectorsPerLB: lbs / frontend.BlkSectorSize}
 		w.region = units / uint64(o.queues)
 		w.first = uint64(i) * w.region
 		if o.rw == "verify" {
@@ -306,6 +305,40 @@ loop:
 	return res, nil
 }
 
+// benchCapacity returns the disk's size in logical blocks and its logical
+// block size: READ CAPACITY(16) of a SCSI LUN, or a blk controller's config
+// space (capacity in 512-byte sectors; blk_size when VIRTIO_BLK_F_BLK_SIZE
+// was negotiated, else 512).
+func benchCapacity(dev *frontend.Device, o *benchOpts) (nblocks, lbs uint64, err error) {
+	if o.blk {
+		if dev.ConfigSpace() == nil {
+			return 0, 0, errors.New("the blk controller's config space was not read")
+		}
+		cfg := dev.BlkConfig()
+		lbs = frontend.BlkSectorSize
+		if dev.Features()&(1<<frontend.BlkFBlkSize) != 0 {
+			lbs = uint64(cfg.BlkSize)
+		}
+		if lbs < frontend.BlkSectorSize || lbs%frontend.BlkSectorSize != 0 {
+			return 0, 0, fmt.Errorf("blk_size %d in the config space", cfg.BlkSize)
+		}
+		return cfg.Capacity * frontend.BlkSectorSize / lbs, lbs, nil
+	}
+	rc, err := dev.Do(frontend.Command{Target: o.target, LUN: o.lun, CDB: []byte{0x9e, 0x10, 10: 0, 13: 32}, DataInLen: 32})
+	if err != nil {
+		return 0, 0, fmt.Errorf("READ CAPACITY(16): %w", err)
+	}
+	if rc.Response != 0 || rc.Status != 0 {
+		return 0, 0, fmt.Errorf("READ CAPACITY(16): response %d status %#x sense %x", rc.Response, rc.Status, rc.Sense)
+	}
+	nblocks = binary.BigEndian.Uint64(rc.DataIn[0:]) + 1
+	lbs = uint64(binary.BigEndian.Uint32(rc.DataIn[8:]))
+	if lbs == 0 {
+		return 0, 0, errors.New("READ CAPACITY(16): block size 0")
+	}
+	return nblocks, lbs, nil
+}
+
 // preconditionBytesMax is the size of one preconditioning write: large
 // enough that a GiB takes a thousand commands, within the 4 MiB a LUN of
 // this target accepts (and what SPDK's and Linux's targets accept).
@@ -314,7 +347,7 @@ const preconditionBytesMax = 1 << 20
 // precondition writes, before the timed run, every block the workers will
 // read: each worker's region, sequentially, in preconditionBytesMax writes
 // (WRITE(16)) on the worker's own request queue through the same vhost-user
-// path, the queues in parallel. A read of a block nobody wrote measures the
+// path (blk: OUT requests), the queues in parallel. A read of a block nobody wrote measures the
 // backing store's shortcut for it (the kernel's zero page behind a lazily
 // mapped RAM disk, a hole in a sparse file), not a read. The blocks get the
 // verify pattern (LBA, generation 0), so they are not zero either.
@@ -361,6 +394,17 @@ func (w *benchWorker) precondition(dev *frontend.Device, i int) (uint64, error) 
 		n := min(step, hi-lba)
 		data := buf[:n*w.lbs]
 		fillPattern(data, lba, 0, w.lbs)
+		if w.o.blk {
+			r, err := dev.DoBlk(frontend.BlkCommand{Type: frontend.BlkTOut, Sector: lba * w.sectorsPerLB, DataOut: data, Queue: i})
+			if err != nil {
+				return written, fmt.Errorf("queue %d: OUT LBA %d+%d: %w", i, lba, n, err)
+			}
+			if r.Status != frontend.BlkSOK {
+				return written, fmt.Errorf("queue %d: OUT LBA %d+%d: status %d", i, lba, n, r.Status)
+			}
+			written += uint64(len(data))
+			continue
+		}
 		cdb = [16]byte{0: 0x8a} // WRITE(16)
 		binary.BigEndian.PutUint64(cdb[2:], lba)
 		binary.BigEndian.PutUint32(cdb[10:], uint32(n))
@@ -416,7 +460,7 @@ func (w *benchWorker) run(stop *atomic.Bool) error {
 			if lastDone == 0 {
 				lastDone = nanotime()
 			} else if nanotime()-lastDone > int64(benchStall) {
-				return fmt.Errorf("queue %d: %d requests got no completion for %v", q.Index()-2, inflight, benchStall)
+				return fmt.Errorf("queue %d: %d requests got no completion for %v", w.index, inflight, benchStall)
 			}
 		}
 		if n > 0 {
@@ -466,11 +510,20 @@ func (w *benchWorker) submit(s *frontend.Slot) {
 			fillPattern(s.Data[:w.o.bs], lba, gen, w.lbs)
 		}
 	}
+	s.User = uint64(w.now)
+	if w.o.blk {
+		typ := uint32(frontend.BlkTIn)
+		if !read {
+			typ = frontend.BlkTOut
+		}
+		w.q.PrepareBlk(s, typ, lba*w.sectorsPerLB, dir, w.o.bs)
+		w.q.Submit(s)
+		return
+	}
 	clear(c)
 	c[0] = op
 	binary.BigEndian.PutUint64(c[2:], lba)
 	binary.BigEndian.PutUint32(c[10:], uint32(w.lbsPerIO))
-	s.User = uint64(w.now)
 	w.q.Prepare(s, w.o.target, w.o.lun, c, dir, w.o.bs)
 	w.q.Submit(s)
 }
@@ -490,7 +543,11 @@ func (w *benchWorker) done(s *frontend.Slot) {
 		w.now = nanotime()
 	}
 	w.h.add(uint64(w.now) - s.User)
-	if s.Response() != 0 || s.Status() != 0 {
+	failed := s.Response() != 0 || s.Status() != 0
+	if w.o.blk {
+		failed = s.BlkStatus() != frontend.BlkSOK
+	}
+	if failed {
 		w.errs.Add(1)
 	} else {
 		w.bytes.Add(uint64(s.Len()))
