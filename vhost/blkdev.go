@@ -240,6 +240,7 @@ func (q *queue) blkDone(r *request) {
 	io := &br.IO
 	if io.Op == bdev.OpWrite && io.Err == nil && q.s.blk.writeThrough.Load() && q.s.c.disk().Info().WriteCache {
 		io.Op, io.Iov = bdev.OpFlush, nil
+		q.lunSt[r.lun].Flushes++ // the flushes metric counts what the bdev was asked
 		q.chans[r.lun].Submit(io)
 		return
 	}

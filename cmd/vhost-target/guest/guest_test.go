@@ -239,10 +239,10 @@ func TestGuestReboot(t *testing.T) {
 func TestQEMUArgs(t *testing.T) {
 	t.Setenv("VHOST_TARGET_GUEST_ACCEL", "tcg")
 	o := Options{
-		Image:       &Image{Kernel: "/k", Initramfs: "/i"},
+		Image: &Image{Kernel: "/k", Initramfs: "/i"},
 		Controllers: []Controller{{Socket: "/run/a.sock", NumQueues: 4}, {Socket: "/run/b.sock", Extra: "virtqueue_size=256"},
 			{Socket: "/run/c.sock", Blk: true, NumQueues: 2}},
-		MemoryMiB:   1024, CPUs: 2, Boots: 1, SkipFirmwareScan: true,
+		MemoryMiB: 1024, CPUs: 2, Boots: 1, SkipFirmwareScan: true,
 	}
 	got := strings.Join(qemuArgs(o, "/tmp/initrd", "tok"), " ")
 	for _, want := range []string{
