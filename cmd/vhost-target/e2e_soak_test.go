@@ -22,6 +22,7 @@ type soakConfig struct {
 	cpus        string // reactor CPUs, TOML list
 	numQueues   int    // controller num_queues
 	controllers int    // 1 or 2 controllers, one device each in the guest
+	blk         int    // the first blk controllers are vhost-user-blk (issue 13), the others scsi
 }
 
 func (c soakConfig) toml() string {
@@ -31,18 +32,35 @@ func (c soakConfig) toml() string {
 		fmt.Fprintf(&b, "[[bdev]]\nname = \"m%d\"\ntype = \"malloc\"\nsize = \"256MiB\"\nblock_size = 512\n", i)
 	}
 	for i := 0; i < c.controllers; i++ {
+		if i < c.blk {
+			fmt.Fprintf(&b, "[[controller]]\nname = \"c%d\"\ntype = \"blk\"\nnum_queues = %d\nbdev = \"m%d\"\n", i, c.numQueues, i)
+			continue
+		}
 		fmt.Fprintf(&b, "[[controller]]\nname = \"c%d\"\nnum_queues = %d\n[[controller.lun]]\ntarget = 0\nlun = 0\nbdev = \"m%d\"\n",
 			i, c.numQueues, i)
 	}
 	return b.String()
 }
 
+// disks returns the guest's block devices: /dev/vda... for the blk
+// controllers, then /dev/sda... for the scsi ones.
+func (c soakConfig) disks() []string {
+	var d []string
+	for i := 0; i < c.controllers; i++ {
+		if i < c.blk {
+			d = append(d, "/dev/vd"+string(rune('a'+i)))
+		} else {
+			d = append(d, "/dev/sd"+string(rune('a'+i-c.blk)))
+		}
+	}
+	return d
+}
+
 // soakScript checks that every disk was found and that a write reads back.
-func soakScript(disks int) string {
+func soakScript(disks []string) string {
 	var b strings.Builder
 	b.WriteString(shPrelude)
-	for i := 0; i < disks; i++ {
-		d := "/dev/sd" + string(rune('a'+i))
+	for _, d := range disks {
 		fmt.Fprintf(&b, `test -b %[1]s || { echo "no %[1]s"; ls /sys/block; exit 1; }
 dd if=/dev/urandom of=/tmp/p bs=4096 count=16 2>/dev/null
 dd if=/tmp/p of=%[1]s bs=4096 seek=$((BOOT*16)) oflag=direct 2>/dev/null
@@ -79,13 +97,17 @@ func soakBoots(t *testing.T, def int) int {
 func TestGuestBootSoak(t *testing.T) {
 	img := guestImage(t)
 	configs := []soakConfig{
-		{"busy-1q", "busy", "[0]", 1, 1},
-		{"adaptive-1q", "adaptive", "[0]", 1, 1},
-		{"busy-2q", "busy", "[0]", 2, 1},
-		{"adaptive-2q", "adaptive", "[0]", 2, 1},
-		{"busy-2ctrl-1reactor", "busy", "[0]", 1, 2},
-		{"adaptive-2ctrl-1reactor", "adaptive", "[0]", 1, 2},
-		{"adaptive-2ctrl-2reactors", "adaptive", "[0, 1]", 1, 2},
+		{"busy-1q", "busy", "[0]", 1, 1, 0},
+		{"adaptive-1q", "adaptive", "[0]", 1, 1, 0},
+		{"busy-2q", "busy", "[0]", 2, 1, 0},
+		{"adaptive-2q", "adaptive", "[0]", 2, 1, 0},
+		{"busy-2ctrl-1reactor", "busy", "[0]", 1, 2, 0},
+		{"adaptive-2ctrl-1reactor", "adaptive", "[0]", 1, 2, 0},
+		{"adaptive-2ctrl-2reactors", "adaptive", "[0, 1]", 1, 2, 0},
+		// vhost-user-blk (issue 13): alone with two queues, and beside a
+		// scsi controller on one busy reactor.
+		{"adaptive-blk-2q", "adaptive", "[0]", 2, 1, 1},
+		{"busy-blk+scsi-1reactor", "busy", "[0]", 1, 2, 1},
 		// Two busy reactors would leave TCG no core on this 2-core machine.
 	}
 	boots := soakBoots(t, 5)
@@ -95,13 +117,17 @@ func TestGuestBootSoak(t *testing.T) {
 			tg := startTargetWith(t, c.toml(), targetOpts{level: slog.LevelDebug})
 			var ctrls []guest.Controller
 			for i := 0; i < c.controllers; i++ {
-				ctrls = append(ctrls, guest.Controller{Socket: tg.sock(fmt.Sprintf("c%d", i))})
+				gc := guest.Controller{Socket: tg.sock(fmt.Sprintf("c%d", i))}
+				if i < c.blk {
+					gc.Blk, gc.NumQueues = true, c.numQueues
+				}
+				ctrls = append(ctrls, gc)
 			}
 			for i := 0; i < boots; i++ {
 				reboots := 1 + i%2
 				res, err := guest.Run(context.Background(), guest.Options{
 					Image: img, Controllers: ctrls, CPUs: c.controllers, MemoryMiB: 1024,
-					Script: soakScript(c.controllers) + fmt.Sprintf("[ $BOOT -lt %d ] && reboot -f\necho soak-ok\n", reboots),
+					Script: soakScript(c.disks()) + fmt.Sprintf("[ $BOOT -lt %d ] && reboot -f\necho soak-ok\n", reboots),
 					Boots:  reboots, Timeout: 2 * time.Minute, KernelArgs: os.Getenv("VHOST_TARGET_SOAK_KARGS"),
 				})
 				if err != nil || res.ExitCode != 0 {
