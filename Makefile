@@ -34,7 +34,8 @@ unit: deps
 
 # Every fuzz target as Name:package. Their seed corpora also run in `unit`.
 FUZZ_TARGETS := FuzzExecute:./scsi FuzzPop:./vhost/virtq FuzzParse:./config FuzzProto:./vhost/proto \
-	FuzzMessages:./vhost FuzzRequest:./vhost FuzzServer:./rpc FuzzPrepare:./vhost/blk
+	FuzzMessages:./vhost FuzzRequest:./vhost FuzzServer:./rpc FuzzPrepare:./vhost/blk \
+	FuzzBlkRequest:./vhost
 
 # fuzz-run TIME: fuzz each target for TIME (minimization bounded so a new
 # input cannot stall a short run). Go 1.26's fuzz coordinator can fail a
