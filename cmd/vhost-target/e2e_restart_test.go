@@ -129,8 +129,9 @@ func pauses(console string, restarts []int64, threshold time.Duration) []time.Du
 // LUN while the target is restarted with each of signals at random moments.
 // The guest issues SYNCHRONIZE CACHE every half second (a heartbeat the test
 // watches for stalls); with syncFirst the target is killed right after one
-// completed.
-func testRestarts(t *testing.T, typ string, signals []syscall.Signal, syncFirst bool) {
+// completed. With blk the disk is a vhost-user-blk controller's (the guest's
+// /dev/vda; its heartbeat is an fsync of the device, a virtio-blk FLUSH).
+func testRestarts(t *testing.T, typ string, signals []syscall.Signal, syncFirst, blk bool) {
 	img := guestImage(t)
 	q := qemu10(t)
 	dir := shortTempDir(t, "vt-rs-")
@@ -143,6 +144,15 @@ func testRestarts(t *testing.T, typ string, signals []syscall.Signal, syncFirst 
 	metricsAddr := ln.Addr().String()
 	ln.Close()
 	text := fmt.Sprintf("socket_dir = %q\n", dir) + oneLUNConfig(typ, disk, "256MiB", metricsAddr)
+	dev, flush := "/dev/sda", "sg_sync /dev/sda"
+	if blk {
+		scsiLUN := "num_queues = 1\n[[controller.lun]]\ntarget = 0\nlun = 0\nbdev = \"f0\"\n"
+		if !strings.Contains(text, scsiLUN) {
+			t.Fatalf("oneLUNConfig changed; the blk variant needs its LUN: %s", text)
+		}
+		text = strings.Replace(text, scsiLUN, "type = \"blk\"\nnum_queues = 1\nbdev = \"f0\"\n", 1)
+		dev, flush = "/dev/vda", "dd if=/dev/null of=/dev/vda conv=fsync 2>/dev/null"
+	}
 	// VHOST_TARGET_RESTART_POLL=busy runs the reactor busy-polling.
 	if p := os.Getenv("VHOST_TARGET_RESTART_POLL"); p != "" {
 		text = strings.Replace(text, `poll = "adaptive"`, fmt.Sprintf("poll = %q", p), 1)
@@ -160,13 +170,13 @@ func testRestarts(t *testing.T, typ string, signals []syscall.Signal, syncFirst 
 
 	// SYNCHRONIZE CACHE every half second: the kill point of the sync
 	// variant, and a heartbeat of the queue for the stall watch below.
-	syncLoop := `(n=0; while [ -e /tmp/run ]; do sg_sync /dev/sda && echo "synced $n"; n=$((n+1)); sleep 0.5; done) &
+	syncLoop := `(n=0; while [ -e /tmp/run ]; do ` + flush + ` && echo "synced $n"; n=$((n+1)); sleep 0.5; done) &
 `
 	script := shPrelude + `
 touch /tmp/run
 ` + syncLoop + `echo fio-start
 sec fio
-fio --name=v --filename=/dev/sda --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=16 --size=64m \
+fio --name=v --filename=` + dev + ` --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=16 --size=64m \
   --time_based --runtime=60 --verify=crc32c --verify_backlog=512 --do_verify=1 \
   --write_lat_log=/tmp/l --log_avg_msec=0 --output-format=terse > /tmp/fio.out 2>&1 || { cat /tmp/fio.out; exit 1; }
 rm /tmp/run
@@ -188,7 +198,7 @@ dmesg | grep -ciE 'i/o error|blk_update_request|reset|abort' || true
 		defer close(done)
 		res, rerr = guest.Run(gctx, guest.Options{Image: img, QEMU: q, MemoryMiB: 768,
 			Console:     multiWriter{start, synced},
-			Controllers: []guest.Controller{{Socket: d.sock, Reconnect: 100 * time.Millisecond}},
+			Controllers: []guest.Controller{{Socket: d.sock, Blk: blk, Reconnect: 100 * time.Millisecond}},
 			// QEMU's vhost-user messages and the interrupts it raises: a
 			// failure shows the last of them.
 			QEMUArgs: []string{"-D", traceFile, "-trace", "vhost_user_write", "-trace", "virtio_pci_notify",
@@ -463,12 +473,21 @@ func (m multiWriter) Write(p []byte) (int, error) {
 func TestGuestRestart(t *testing.T) {
 	sigs := []syscall.Signal{syscall.SIGTERM, syscall.SIGTERM, syscall.SIGTERM, syscall.SIGKILL, syscall.SIGKILL, syscall.SIGKILL}
 	rand.Shuffle(len(sigs), func(i, j int) { sigs[i], sigs[j] = sigs[j], sigs[i] })
-	testRestarts(t, "file", sigs, false)
+	testRestarts(t, "file", sigs, false, false)
+}
+
+// TestGuestRestartBlk: the same on a vhost-user-blk controller (issue 13),
+// twice SIGTERM and twice SIGKILL in a random order: QEMU's
+// vhost-user-blk reconnects and resubmits from the inflight area.
+func TestGuestRestartBlk(t *testing.T) {
+	sigs := []syscall.Signal{syscall.SIGTERM, syscall.SIGTERM, syscall.SIGKILL, syscall.SIGKILL}
+	rand.Shuffle(len(sigs), func(i, j int) { sigs[i], sigs[j] = sigs[j], sigs[i] })
+	testRestarts(t, "file", sigs, false, true)
 }
 
 // TestGuestRestartAIOSync: the same on an aio LUN, killed (SIGKILL) three
 // times right after a SYNCHRONIZE CACHE completed; fio's verify and a final
 // read-back check the data.
 func TestGuestRestartAIOSync(t *testing.T) {
-	testRestarts(t, "aio", []syscall.Signal{syscall.SIGKILL, syscall.SIGKILL, syscall.SIGKILL}, true)
+	testRestarts(t, "aio", []syscall.Signal{syscall.SIGKILL, syscall.SIGKILL, syscall.SIGKILL}, true, false)
 }
