@@ -47,8 +47,8 @@ const (
 // ("cache-bad"). It also reports the sectors that re-read took from the
 // disk (few: the cache answered), fio's completion-latency outliers and the
 // guest kernel's I/O error lines.
-func migrationScript(runtime int) string {
-	return shPrelude + fmt.Sprintf(`
+func migrationScript(runtime int, blk bool) string {
+	s := shPrelude + fmt.Sprintf(`
 exec 3</dev/sda # the last close of a block device drops its page cache: keep one open
 chunk() { dd if=/dev/sda bs=1048576 skip=$((%[2]d + %[3]d * $1)) count=%[3]d 2>/dev/null | md5sum | cut -d' ' -f1; }
 echo fio-start
@@ -76,6 +76,10 @@ awk -F, '$2 > 50000000 { printf "clat %%.0f %%.0f\n", $1, $2 }' /tmp/l_clat.1.lo
 sec dmesg
 dmesg | grep -ciE 'i/o error|blk_update_request|reset|abort' || true
 `, runtime, migFioMiB, migChunkMiB, migFioMiB)
+	if blk {
+		s = strings.ReplaceAll(s, "sda", "vda")
+	}
+	return s
 }
 
 // migrationDisk writes the disk file: zeroes where fio runs, random chunks
@@ -162,6 +166,7 @@ type migrationTest struct {
 	bin        string      // the target binary (a debug build for the negative test)
 	q          *guest.QEMU // nil: Debian's QEMU 7.2
 	twoTargets bool        // A and B processes on one file; else one controller, max_sessions = 2
+	blk        bool        // a vhost-user-blk controller (issue 13) instead of a scsi LUN
 	runtime    int         // fio seconds
 }
 
@@ -190,6 +195,13 @@ func runMigration(t *testing.T, mt migrationTest) *migrationOutcome {
 		}
 		text := fmt.Sprintf("socket_dir = %q\n", tdir) + oneLUNConfig("file", disk, fmt.Sprintf("%dMiB", migDiskMiB), "")
 		text = strings.Replace(text, "num_queues = 1\n", fmt.Sprintf("num_queues = 1\nmax_sessions = %d\n", maxSessions), 1)
+		if mt.blk {
+			lun := "[[controller.lun]]\ntarget = 0\nlun = 0\nbdev = \"f0\"\n"
+			if !strings.Contains(text, lun) {
+				t.Fatalf("oneLUNConfig changed; the blk variant needs its LUN: %s", text)
+			}
+			text = strings.Replace(text, lun, "type = \"blk\"\nbdev = \"f0\"\n", 1)
+		}
 		cfg := filepath.Join(tdir, "t.toml")
 		if err := os.WriteFile(cfg, []byte(text), 0o644); err != nil {
 			t.Fatal(err)
@@ -215,7 +227,7 @@ func runMigration(t *testing.T, mt migrationTest) *migrationOutcome {
 	if err != nil {
 		t.Fatal(err)
 	}
-	script := migrationScript(mt.runtime)
+	script := migrationScript(mt.runtime, mt.blk)
 	fioStart := newMarker("fio-start")
 	fioEnd := newMarker("fio-")
 	var fioStarted time.Time
@@ -225,7 +237,7 @@ func runMigration(t *testing.T, mt migrationTest) *migrationOutcome {
 	launch := func(i int, console *marker) *migrationRun {
 		o := guest.Options{Image: img, QEMU: mt.q, MemoryMiB: 512, Token: token, Script: script,
 			Files:       map[string][]byte{"/data/sums": sums},
-			Controllers: []guest.Controller{{Socket: hops[i].sock}}, Timeout: 3 * time.Minute,
+			Controllers: []guest.Controller{{Socket: hops[i].sock, Blk: mt.blk}}, Timeout: 3 * time.Minute,
 			// Debian's kernel zeroes every page it allocates (init_on_alloc):
 			// a CPU write that dirties a new page-cache page just before the
 			// target fills it, so QEMU would send it again anyway and an
@@ -349,6 +361,13 @@ func checkMigration(t *testing.T, o *migrationOutcome) {
 func TestGuestMigration(t *testing.T) {
 	q := qemu10(t)
 	checkMigration(t, runMigration(t, migrationTest{bin: buildBinary(t), q: q, twoTargets: true, runtime: 45}))
+}
+
+// TestGuestMigrationBlk: the same on a vhost-user-blk controller (issue 13):
+// its request queues mark what they write as the scsi ones do.
+func TestGuestMigrationBlk(t *testing.T) {
+	q := qemu10(t)
+	checkMigration(t, runMigration(t, migrationTest{bin: buildBinary(t), q: q, twoTargets: true, runtime: 45, blk: true}))
 }
 
 // TestGuestMigrationOneController: the same with source and destination
