@@ -10,6 +10,7 @@ package vhost_test
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/hex"
 	"fmt"
 	"math/rand"
@@ -19,6 +20,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"vhost-target/bdev"
 	"vhost-target/reactor"
@@ -603,4 +606,182 @@ func blkAllocsTarget(t *testing.T, mode reactor.Mode, op uint32) (*frontend.Queu
 		run()
 	}
 	return q, run, bad
+}
+
+// blkAlive is alive for a blk front-end: the session answers a GET_CONFIG
+// (the target echoes its offset) and serves a FLUSH.
+func blkAlive(t *testing.T, d *frontend.Device) {
+	t.Helper()
+	if !alive(t, d) {
+		t.Fatal("the session ended")
+	}
+	expectBlk(t, "FLUSH", doBlk(t, d, frontend.BlkCommand{Type: frontend.BlkTFlush}), frontend.BlkSOK, 1)
+}
+
+// TestBlkHostileConfig: the config messages of a blk controller under
+// hostile values. A malformed GET/SET_CONFIG (size above 256, or a header
+// that disagrees with its payload) ends the session, as any malformed
+// message does; a well-formed one at any offset is answered (zeroes past
+// the config space, same size as asked) or refused; a back-end channel fd
+// that is not a socket, or one whose peer went away, costs the resize
+// notification only.
+func TestBlkHostileConfig(t *testing.T) {
+	e := newEnv(t, 1, reactor.Adaptive)
+	disk := e.disk("h", 1<<20, 512)
+	c, sock, logs := newBlkController(t, e, 1, disk, nil)
+	grow := func() {
+		t.Helper()
+		info := disk.Info()
+		if err := disk.Resize(uint64(info.BlockSize) * (info.NumBlocks + 8)); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.CapacityChanged(disk); err != nil {
+			t.Fatal(err)
+		}
+	}
+	open := func(t *testing.T, o frontend.Options) *frontend.Device {
+		t.Helper()
+		eventually(t, "the previous session to end", 2*time.Second, func() bool { return c.Sessions() == 0 })
+		o.Blk = true
+		return dial(t, sock, o)
+	}
+	cfgMsg := func(off, size uint32, data int) []byte {
+		p := make([]byte, proto.ConfigHeaderSize+data)
+		binary.LittleEndian.PutUint32(p, off)
+		binary.LittleEndian.PutUint32(p[4:], size)
+		return p
+	}
+	for _, tc := range []struct {
+		name string
+		req  proto.Request
+		p    []byte
+	}{
+		{"GET_CONFIG size 300", proto.GetConfig, cfgMsg(0, 300, 300)},
+		{"GET_CONFIG size 8, 4 bytes", proto.GetConfig, cfgMsg(0, 8, 4)},
+		{"GET_CONFIG 8 bytes", proto.GetConfig, make([]byte, 8)},
+		{"SET_CONFIG size 1, no data", proto.SetConfig, cfgMsg(32, 1, 0)},
+		{"SET_CONFIG size 257", proto.SetConfig, cfgMsg(0, 257, 257)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := open(t, frontend.Options{})
+			sendRaw(t, d, tc.req, proto.FlagVersion, tc.p)
+			expectClosed(t, d)
+		})
+	}
+	t.Run("far offsets", func(t *testing.T) {
+		d := open(t, frontend.Options{})
+		for _, o := range []uint32{250, 256, 1 << 20, 0xfffffff8} {
+			b, err := d.GetConfig(o, 16)
+			if err != nil || len(b) != 16 || !bytes.Equal(b, make([]byte, 16)) {
+				t.Errorf("GET_CONFIG %#x+16: % x %v", o, b, err)
+			}
+			if err := d.SetConfig(o, []byte{1}); err == nil {
+				t.Errorf("SET_CONFIG at %#x accepted", o)
+			}
+		}
+		blkAlive(t, d)
+	})
+	t.Run("channel not a socket", func(t *testing.T) {
+		d := open(t, frontend.Options{ProtocolMask: 1<<proto.PFMQ | 1<<proto.PFReplyAck | 1<<proto.PFConfig | 1<<proto.PFBackendReq})
+		if d.ProtocolFeatures()&(1<<proto.PFBackendReq) == 0 {
+			t.Fatal("BACKEND_REQ not negotiated")
+		}
+		efd := eventFD(t)
+		if err := d.Message(proto.SetBackendReqFD, true, nil, efd); err != nil {
+			t.Fatal(err)
+		}
+		grow()
+		blkAlive(t, d)
+		if !strings.Contains(logs.String(), "could not send CONFIG_CHANGE_MSG") {
+			t.Errorf("no line about the failed notification:\n%s", logs)
+		}
+	})
+	t.Run("channel peer gone", func(t *testing.T) {
+		d := open(t, frontend.Options{BackendReq: true})
+		if !d.HasBackendChannel() {
+			t.Fatal("no channel")
+		}
+		// A front-end that hands over a new channel and closes its end.
+		p, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = d.Message(proto.SetBackendReqFD, true, nil, p[1])
+		unix.Close(p[0])
+		unix.Close(p[1])
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i < 3; i++ {
+			grow()
+		}
+		blkAlive(t, d)
+		if cfg, err := d.ReadBlkConfig(); err != nil || cfg.Capacity != disk.Info().NumBlocks {
+			t.Errorf("config after the resizes: %+v %v (disk %d blocks)", cfg, err, disk.Info().NumBlocks)
+		}
+	})
+	t.Run("channel without BACKEND_REQ", func(t *testing.T) {
+		d := open(t, frontend.Options{})
+		efd := eventFD(t)
+		if err := d.Message(proto.SetBackendReqFD, true, nil, efd); err != nil {
+			t.Fatal(err)
+		}
+		blkAlive(t, d)
+	})
+}
+
+// TestBlkDirtyLog: while a migration logs, a blk IN marks the pages of its
+// data and status and the used ring; an OUT marks its status byte's page
+// and the used ring, not the data it only read.
+func TestBlkDirtyLog(t *testing.T) {
+	e := newEnv(t, 1, reactor.Adaptive)
+	disk := e.disk("log", 1<<20, 512)
+	_, sock, _ := newBlkController(t, e, 1, disk, func(c *vhost.Config) { c.Migration = true })
+	d := dial(t, sock, frontend.Options{Blk: true, Slots: 2, SlotDataSize: 16 << 10,
+		ProtocolMask: 1<<proto.PFMQ | 1<<proto.PFReplyAck | 1<<proto.PFConfig | 1<<proto.PFLogShmFD})
+	if d.OfferedFeatures()&(1<<proto.FLogAll) == 0 || d.ProtocolFeatures()&(1<<proto.PFLogShmFD) == 0 {
+		t.Fatalf("LOG_ALL / LOG_SHMFD not offered: %#x %#x", d.OfferedFeatures(), d.ProtocolFeatures())
+	}
+	log, logBytes := giveLog(t, d)
+	setLogging(t, d, true)
+	q := d.Queue(0)
+	s := q.Get() // its 16 KiB data buffer: pages nothing else uses
+	_, _, usedGPA := q.RingGPAs()
+	page := func(gpa uint64) uint64 { return gpa / 4096 }
+	dataPages := []uint64{page(s.DataGPA), page(s.DataGPA) + 1, page(s.DataGPA) + 2}
+
+	clear(logBytes)
+	r := doBlk(t, d, frontend.BlkCommand{Type: frontend.BlkTIn, Sector: 8, DataInLen: 12 << 10, DataGPA: s.DataGPA})
+	expectBlk(t, "IN", r, frontend.BlkSOK, 12<<10+1)
+	for _, p := range append(dataPages, page(usedGPA)) {
+		if !log.Marked(p) {
+			t.Errorf("IN: page %d not marked", p)
+		}
+	}
+	if log.Marked(page(s.DataGPA) + 3) {
+		t.Error("IN: the page after its data marked")
+	}
+
+	clear(logBytes)
+	r = doBlk(t, d, frontend.BlkCommand{Type: frontend.BlkTOut, Sector: 8, DataOut: make([]byte, 12<<10), DataGPA: s.DataGPA})
+	expectBlk(t, "OUT", r, frontend.BlkSOK, 1)
+	for _, p := range dataPages {
+		if log.Marked(p) {
+			t.Errorf("OUT: data page %d marked", p)
+		}
+	}
+	if !log.Marked(page(usedGPA)) {
+		t.Error("OUT: used ring not marked")
+	}
+	marked := 0
+	for p := uint64(0); p < log.Pages(); p++ {
+		if log.Marked(p) {
+			marked++
+		}
+	}
+	if marked < 2 {
+		t.Errorf("OUT marked %d pages: want its status byte's and the used ring's", marked)
+	}
+	q.Put(s)
+	setLogging(t, d, false)
 }
