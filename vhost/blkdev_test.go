@@ -24,6 +24,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"vhost-target/bdev"
+	"vhost-target/bdev/errbdev"
 	"vhost-target/reactor"
 	"vhost-target/vhost"
 	"vhost-target/vhost/frontend"
@@ -784,4 +785,90 @@ func TestBlkDirtyLog(t *testing.T) {
 	}
 	q.Put(s)
 	setLogging(t, d, false)
+}
+
+// featureBdev hides bdev capabilities: a disk without unmap or write zeroes.
+type featureBdev struct {
+	bdev.Bdev
+	info bdev.Info
+}
+
+func (f *featureBdev) Info() *bdev.Info { return &f.info }
+
+// TestBlkBdevErrors: what the bdev answers becomes the status (an error
+// IOERR, ErrNotSup UNSUPP) and the request after it is served; a disk
+// without unmap or write zeroes offers neither and answers them UNSUPP.
+func TestBlkBdevErrors(t *testing.T) {
+	e := newEnv(t, 1, reactor.Adaptive)
+	base := e.disk("base", 1<<20, 512)
+	ed, err := errbdev.New(errbdev.Config{Name: "err", Base: base, Rules: []errbdev.Rule{
+		{Op: bdev.OpRead, LBAStart: 100, LBACount: 8, Err: bdev.ErrIO},
+		{Op: bdev.OpWrite, LBAStart: 200, LBACount: 8, Err: bdev.ErrNotSup},
+		{Op: bdev.OpFlush, Err: bdev.ErrIO},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, sock, _ := newBlkController(t, e, 1, ed, nil)
+	d := dial(t, sock, frontend.Options{Blk: true})
+	expectBlk(t, "IN of a failing range", doBlk(t, d, frontend.BlkCommand{Type: frontend.BlkTIn, Sector: 96, DataInLen: 8192}),
+		frontend.BlkSIOErr, 8193)
+	expectBlk(t, "IN after it", doBlk(t, d, frontend.BlkCommand{Type: frontend.BlkTIn, Sector: 0, DataInLen: 512}), 0, 513)
+	expectBlk(t, "OUT answered not supported", doBlk(t, d, frontend.BlkCommand{Type: frontend.BlkTOut, Sector: 200,
+		DataOut: make([]byte, 512)}), frontend.BlkSUnsupp, 1)
+	expectBlk(t, "FLUSH failing", doBlk(t, d, frontend.BlkCommand{Type: frontend.BlkTFlush}), frontend.BlkSIOErr, 1)
+	if st := c.Stats.Snapshot().LUNs[0]; st.Errors[vhost.ErrMedium] < 2 {
+		t.Errorf("medium errors counted: %v", st.Errors)
+	}
+
+	plain := &featureBdev{Bdev: e.disk("plain", 1<<20, 4096)}
+	plain.info = *plain.Bdev.Info()
+	plain.info.Unmap, plain.info.UnmapZeroes, plain.info.WriteZeroes = false, false, false
+	_, sock2, _ := newBlkController(t, e, 1, plain, nil)
+	d2 := dial(t, sock2, frontend.Options{Blk: true})
+	if f := d2.OfferedFeatures(); f&(1<<frontend.BlkFDiscard|1<<frontend.BlkFWriteZeroes) != 0 {
+		t.Errorf("offered %#x for a disk without unmap or write zeroes", f)
+	}
+	if cfg := d2.BlkConfig(); cfg.MaxDiscardSeg != 0 || cfg.MaxWriteZeroesSeg != 0 || cfg.WriteZeroesMayUnmap != 0 {
+		t.Errorf("config %+v", cfg)
+	}
+	for _, typ := range []uint32{frontend.BlkTDiscard, frontend.BlkTWriteZeroes} {
+		expectBlk(t, fmt.Sprintf("type %d", typ), doBlk(t, d2, frontend.BlkCommand{Type: typ,
+			DataOut: frontend.EncodeBlkSegments(frontend.BlkSegment{NumSectors: 8})}), frontend.BlkSUnsupp, 1)
+	}
+}
+
+// TestBlkWritethroughAcrossReset: the cache mode the driver chose outlives
+// a device reset (QEMU keeps its copy of the config space and does not send
+// it again), and a new connection starts in writeback.
+func TestBlkWritethroughAcrossReset(t *testing.T) {
+	e := newEnv(t, 1, reactor.Adaptive)
+	disk := newCacheBdev(e.disk("wt", 1<<20, 512))
+	c, sock, _ := newBlkController(t, e, 1, disk, nil)
+	d := dial(t, sock, frontend.Options{Blk: true})
+	if err := d.SetWriteback(false); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Reset(); err != nil {
+		t.Fatal(err)
+	}
+	f0 := disk.flushes.Load()
+	expectBlk(t, "OUT after the reset", doBlk(t, d, frontend.BlkCommand{Type: frontend.BlkTOut, DataOut: make([]byte, 512)}), 0, 1)
+	if n := disk.flushes.Load() - f0; n != 1 {
+		t.Errorf("writethrough after a reset: %d flushes", n)
+	}
+	if cfg, err := d.ReadBlkConfig(); err != nil || cfg.Writeback != 0 {
+		t.Errorf("config after the reset: %+v %v", cfg, err)
+	}
+	d.Close()
+	eventually(t, "the session to end", 2*time.Second, func() bool { return c.Sessions() == 0 })
+	d = dial(t, sock, frontend.Options{Blk: true})
+	if d.BlkConfig().Writeback != 1 {
+		t.Errorf("a new connection: writeback %d", d.BlkConfig().Writeback)
+	}
+	f0 = disk.flushes.Load()
+	expectBlk(t, "OUT on a new connection", doBlk(t, d, frontend.BlkCommand{Type: frontend.BlkTOut, DataOut: make([]byte, 512)}), 0, 1)
+	if n := disk.flushes.Load() - f0; n != 0 {
+		t.Errorf("a new connection: %d flushes after a write", n)
+	}
 }
