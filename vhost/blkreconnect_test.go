@@ -22,14 +22,11 @@ import (
 // inflight area since QEMU 4.0): requests the dead target took and did not
 // publish are run again by the next one, exactly once, with the right data.
 //
-// It fails on the target as of commit 731cc59: vhost/inflight.go
-// inflightRegion tracks only vrings >= 2 (v.idx < 2 returns nil, right for
-// scsi's control and event queues), so a blk device's request queues 0 and
-// 1 are not tracked and the next target restarts them at the used index:
-// completed requests run again, held ones are lost. The fix is
-// v.idx < s.firstRequest(); remove the skip with it.
+// It failed on 731cc59, whose inflightRegion tracked only vrings >= 2 (right
+// for scsi's control and event queues): a blk device's request queues 0 and
+// 1 went untracked, and the next target restarted them at the used index
+// (completed requests ran again, held ones were lost).
 func TestBlkReconnectResubmitsInflight(t *testing.T) {
-	t.Skip("blk request queues 0 and 1 are not tracked in the inflight area (vhost/inflight.go inflightRegion: v.idx < 2); see the comment above")
 	const (
 		delay = 600 * time.Millisecond
 		held  = 4 // writes on queue 0, reads on queue 1

@@ -152,12 +152,12 @@ func (s *session) replaceInflight(a *inflightArea) error {
 	})
 }
 
-// inflightRegion returns the region vring v tracks its requests in, or nil. Only request queues are tracked:
-// the control and event queues complete every chain in the order they take them (ctrlq.go, eventq.go), so
+// inflightRegion returns the region vring v tracks its requests in, or nil. Only request queues are tracked
+// (every vring of a blk device, from 2 on for scsi): the control and event queues complete every chain in the order they take them (ctrlq.go, eventq.go), so
 // after a crash the SET_VRING_BASE = used->idx that QEMU sends (virtio_queue_restore_last_avail_idx) starts
 // them at the first chain not completed, and nothing is lost or run twice without tracking.
 func (s *session) inflightRegion(v *vring) []byte {
-	if s.inflightArea == nil || v.idx < 2 {
+	if s.inflightArea == nil || v.idx < s.firstRequest() {
 		return nil
 	}
 	return s.inflightArea.region(v.idx)
