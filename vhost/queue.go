@@ -94,7 +94,7 @@ type queue struct {
 	wakeFDs   []int // adaptive mode: completion eventfd per channel (-1 none), watched by the reactor
 
 	// Counters written only by the owning reactor; read through reactor.Call.
-	rq    int // request queue number (vring index - 2)
+	rq    int // request queue number (vring index - session.firstRequest)
 	st    QueueCounters
 	lunSt []LUNCounters // by lunRef.slot
 }

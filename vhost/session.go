@@ -56,9 +56,9 @@ type vring struct {
 	call    int  // eventfd or -1
 	enabled bool
 
-	req  *queue      // running request queue (idx >= 2)
-	ctrl *ctrlQueue  // running control queue (idx == 0)
-	evq  *eventQueue // running event queue (idx == 1)
+	req  *queue      // running request queue (scsi: idx >= 2; blk: every vring)
+	ctrl *ctrlQueue  // running control queue (scsi, idx == 0)
+	evq  *eventQueue // running event queue (scsi, idx == 1)
 }
 
 // session is one connected front-end (lifecycle.go has its states).
