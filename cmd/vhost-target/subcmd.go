@@ -111,7 +111,7 @@ Usage:
         call a JSON-RPC method of the running target (SPDK's method names);
         vhost-target rpc rpc_get_methods lists them, vhost-target rpc -h says more
   vhost-target bench -socket PATH [-rw randread] [-bs 4096] [-qd 32] [-time 10s] ...
-        drive a vhost-user-scsi socket with the built-in front-end; vhost-target bench -h
+        drive a vhost-user-scsi (or, with -blk, vhost-user-blk) socket with the built-in front-end; vhost-target bench -h
   vhost-target version
         print the version
   vhost-target help
