@@ -69,6 +69,16 @@ max_sessions = 2
 target = 0
 lun = 0
 bdev = "m1"
+[[bdev]]
+name = "m2"
+type = "malloc"
+size = "256MiB"
+block_size = 512
+[[controller]]
+name = "b0"
+type = "blk"
+num_queues = 1
+bdev = "m2"
 `
 
 // TestGuestKillReattach kills QEMU (SIGKILL) in the middle of a write load
@@ -76,21 +86,30 @@ bdev = "m1"
 // guest first runs an fio verify of its own 16 MiB and must pass: the killed
 // VM's in-flight requests drain, its session goes, and the new VM is
 // admitted (max_sessions 1) and served.
-func TestGuestKillReattach(t *testing.T) {
+func TestGuestKillReattach(t *testing.T) { testKillReattach(t, false) }
+
+// TestGuestKillReattachBlk: the same on a vhost-user-blk controller.
+func TestGuestKillReattachBlk(t *testing.T) { testKillReattach(t, true) }
+
+func testKillReattach(t *testing.T, blk bool) {
 	img := guestImage(t)
 	tg := startTarget(t, sessionsConfig)
+	ctrl, dev := "c0", "/dev/sda"
+	if blk {
+		ctrl, dev = "b0", "/dev/vda"
+	}
 	const rounds = 5
 	for i := 0; i < rounds; i++ {
 		off := 16 * i
 		script := shPrelude + fmt.Sprintf(`
-fio --name=v --filename=/dev/sda --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=16 --offset=%dm --size=16m --verify=crc32c --do_verify=1 --output-format=terse >/dev/null
+fio --name=v --filename=%s --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=16 --offset=%dm --size=16m --verify=crc32c --do_verify=1 --output-format=terse >/dev/null
 echo verify-ok
-`, off)
+`, dev, off)
 		last := i == rounds-1
 		if !last {
 			// Then a write load over the next guest's range too, until killed.
 			script += `echo load-start
-fio --name=w --filename=/dev/sda --ioengine=libaio --direct=1 --rw=randwrite --bs=16k --iodepth=32 --size=128m --time_based --runtime=600 --output-format=terse >/dev/null
+fio --name=w --filename=` + dev + ` --ioengine=libaio --direct=1 --rw=randwrite --bs=16k --iodepth=32 --size=128m --time_based --runtime=600 --output-format=terse >/dev/null
 echo load-ended
 exit 1
 `
@@ -102,7 +121,7 @@ exit 1
 		var err error
 		go func() {
 			defer close(done)
-			res, err = guest.Run(ctx, guest.Options{Image: img, Controllers: []guest.Controller{{Socket: tg.sock("c0")}},
+			res, err = guest.Run(ctx, guest.Options{Image: img, Controllers: []guest.Controller{{Socket: tg.sock(ctrl), Blk: blk}},
 				Script: script, Console: m, Timeout: 4 * time.Minute})
 		}()
 		if last {
@@ -121,7 +140,7 @@ exit 1
 		}
 		// Let the load run a moment, a different one each round.
 		time.Sleep(time.Duration(300+rand.Intn(1500)) * time.Millisecond)
-		before := tg.ctrl("c0").Stats.Snapshot().LUNs[0].Writes
+		before := tg.ctrl(ctrl).Stats.Snapshot().LUNs[0].Writes
 		cancel() // SIGKILL
 		<-done
 		if res == nil || !strings.Contains(res.Console, "verify-ok") {
@@ -129,7 +148,7 @@ exit 1
 		}
 		t.Logf("guest %d killed during its write load (%d writes by then)", i, before)
 	}
-	s := tg.ctrl("c0").Stats.Snapshot()
+	s := tg.ctrl(ctrl).Stats.Snapshot()
 	if s.Refused != 0 {
 		t.Errorf("%d reattaching guests were refused", s.Refused)
 	}
