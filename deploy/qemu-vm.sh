@@ -1,7 +1,10 @@
 #!/bin/sh
 # Start a VM whose disks come from vhost-target controller "vhost.0".
 #
-#   [SOCKET=...] [MEM=2G] [CPUS=2] [QUEUES=n] [KERNEL=bzImage] deploy/qemu-vm.sh [extra QEMU arguments...]
+#   [SOCKET=...] [MEM=2G] [CPUS=2] [QUEUES=n] [KERNEL=bzImage] [BLK=1] deploy/qemu-vm.sh [extra QEMU arguments...]
+#
+# BLK=1: the controller is a blk one (type = "blk"): the VM gets a
+# vhost-user-blk-pci disk (/dev/vda) instead of a vhost-user-scsi-pci HBA.
 #
 # Requirements, each a hard error in QEMU otherwise:
 #  - vhost-target is running and its config defines controller vhost.0, so
@@ -32,6 +35,16 @@ CPUS=${CPUS:-2}
 QUEUES=${QUEUES:-$CPUS}
 KERNEL=${KERNEL:-}    # optional: boot a kernel directly (-kernel), else boot from the SCSI disk
 QEMU=${QEMU:-qemu-system-x86_64}
+BLK=${BLK:-}
+# The virtio-scsi HBA whose queues the target serves (LUNs appear as /dev/sdX
+# in the guest, target/LUN from [[controller.lun]]), or with BLK=1 the
+# virtio-blk disk of a blk controller (/dev/vda).
+DEVICE="vhost-user-scsi-pci,id=scsi0,chardev=vhost0,num_queues=$QUEUES,bootindex=0"
+ROOT=/dev/sda1
+if [ -n "$BLK" ]; then
+	DEVICE="vhost-user-blk-pci,id=blk0,chardev=vhost0,num-queues=$QUEUES,bootindex=0"
+	ROOT=/dev/vda1
+fi
 
 # Reconnect to a restarted target where this QEMU can (see above).
 RECONNECT=""
@@ -63,13 +76,11 @@ set -- "$@" \
 	-machine pc,memory-backend=mem \
 	`# The vhost-user socket of controller vhost.0; QEMU is the client.` \
 	-chardev socket,id=vhost0,path="$SOCKET"$RECONNECT \
-	`# The virtio-scsi HBA whose queues the target serves. LUNs appear as` \
-	`# /dev/sdX in the guest (target/LUN from [[controller.lun]]).` \
-	-device vhost-user-scsi-pci,id=scsi0,chardev=vhost0,num_queues="$QUEUES",bootindex=0 \
+	-device "$DEVICE" \
 	-nographic -serial mon:stdio
 
 if [ -n "$KERNEL" ]; then
-	set -- "$@" -kernel "$KERNEL" -append "console=ttyS0 root=/dev/sda1"
+	set -- "$@" -kernel "$KERNEL" -append "console=ttyS0 root=$ROOT"
 fi
 
 # Move the caller's extra arguments behind ours.
