@@ -1,0 +1,392 @@
+//go:build rbd
+
+// Tests for the rbd bdev on a one-host Ceph cluster (cephtest, needs root):
+// kiotest's random I/O against a model (unaligned, split iovecs, unmap,
+// write zeroes, write same, flush; several channels at once), ranges, a
+// FIFO beyond the queue depth, read-only, the completion eventfd, flushed
+// data seen by another client (rbd export), no allocations per IO, and the
+// start-up errors: a missing image or pool, an unreachable cluster.
+package rbd
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"vhost-target/bdev"
+	"vhost-target/bdev/kio/kiotest"
+	"vhost-target/bdev/rbd/cephtest"
+)
+
+// TestRBD starts one cluster and runs every test that needs it as a subtest.
+func TestRBD(t *testing.T) {
+	c := cephtest.Start(t)
+	images := 0
+	// open makes a fresh image of size bytes and the bdev over it.
+	open := func(t *testing.T, size uint64, bs uint32, qd int) *Disk {
+		t.Helper()
+		images++
+		name := fmt.Sprintf("img%d", images)
+		c.CreateImage(t, name, size)
+		d, err := Open(Config{Name: "r0", Pool: c.Pool, Image: name, Conf: c.Conf, User: c.User,
+			Keyring: c.Keyring, BlockSize: bs, QueueDepth: qd})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			if err := d.Close(); err != nil {
+				t.Error(err)
+			}
+		})
+		return d
+	}
+	cfg := func(image string) Config {
+		return Config{Name: "r0", Pool: c.Pool, Image: image, Conf: c.Conf, User: c.User, Keyring: c.Keyring}
+	}
+	t.Run("RandomIO", func(t *testing.T) {
+		for _, k := range []struct {
+			name string
+			bs   uint32
+			qd   int
+		}{{"bs512", 512, 64}, {"bs4096", 4096, 64}, {"bs512-qd4", 512, 4}} {
+			t.Run(k.name, func(t *testing.T) {
+				d := open(t, 64<<20, k.bs, k.qd)
+				info := d.Info()
+				if !info.WriteCache || !info.Unmap || !info.UnmapZeroes || !info.WriteZeroes || info.ReadOnly ||
+					info.Type != "rbd" || info.BlockSize != k.bs || info.NumBlocks != 64<<20/uint64(k.bs) {
+					t.Fatalf("info = %+v", info)
+				}
+				ops := 800
+				if testing.Short() {
+					ops = 300
+				}
+				kiotest.RandomIO(t, d, kiotest.RandomOptions{Goroutines: 4, Ops: ops, Depth: 16, MaxLen: 320 << 10,
+					Seed: uint64(k.bs), Unaligned: 0.3})
+			})
+		}
+	})
+	t.Run("Range", func(t *testing.T) { testRange(t, open(t, 1<<20, 512, 8)) })
+	t.Run("QueueDepthOne", func(t *testing.T) { testQueueDepthOne(t, open(t, 1<<20, 512, 1)) })
+	t.Run("NoAllocs", func(t *testing.T) { testAllocs(t, open(t, 1<<20, 512, 8)) })
+	t.Run("EventFD", func(t *testing.T) { testEventFD(t, open(t, 1<<20, 512, 8)) })
+	t.Run("UUID", func(t *testing.T) {
+		d := open(t, 1<<20, 512, 8)
+		name := fmt.Sprintf("img%d", images)
+		d2, err := Open(cfg(name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d2.Close()
+		if d.Info().UUID != d2.Info().UUID || d.Info().UUID == ([16]byte{}) {
+			t.Errorf("UUIDs of one image: %x, %x", d.Info().UUID, d2.Info().UUID)
+		}
+		other := open(t, 1<<20, 512, 8)
+		if other.Info().UUID == d.Info().UUID {
+			t.Error("two images have one UUID")
+		}
+	})
+	t.Run("FlushedSeenByExport", func(t *testing.T) {
+		d := open(t, 4<<20, 512, 8)
+		name := fmt.Sprintf("img%d", images)
+		ch := kiotest.Open(t, d)
+		buf := kiotest.Mem(t, 64<<10)
+		for i := range buf {
+			buf[i] = byte(i*7 + i/4096)
+		}
+		if err := kiotest.Do(t, ch, &bdev.IO{Op: bdev.OpWrite, Offset: 128 << 10, Len: 64 << 10,
+			Iov: [][]byte{buf[:1000], buf[1000:40000], buf[40000:]}}); err != nil {
+			t.Fatal(err)
+		}
+		if err := kiotest.Do(t, ch, &bdev.IO{Op: bdev.OpFlush}); err != nil {
+			t.Fatal(err)
+		}
+		// The image is still open here: only a flush puts cached writes on the OSDs.
+		img := c.Export(t, name)
+		if !bytes.Equal(img[128<<10:192<<10], buf) {
+			t.Fatal("data written and flushed is not in the image another client reads")
+		}
+	})
+	t.Run("ReadOnly", func(t *testing.T) {
+		d := open(t, 1<<20, 512, 8)
+		name := fmt.Sprintf("img%d", images)
+		ch := kiotest.Open(t, d)
+		buf := kiotest.Mem(t, 4096)
+		buf[0] = 0x77
+		if err := kiotest.Do(t, ch, &bdev.IO{Op: bdev.OpWrite, Offset: 4096, Len: 4096, Iov: [][]byte{buf}}); err != nil {
+			t.Fatal(err)
+		}
+		if err := kiotest.Do(t, ch, &bdev.IO{Op: bdev.OpFlush}); err != nil {
+			t.Fatal(err)
+		}
+		rc := cfg(name)
+		rc.ReadOnly = true
+		ro, err := Open(rc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ro.Close()
+		if info := ro.Info(); !info.ReadOnly || info.Unmap || info.WriteZeroes {
+			t.Errorf("info = %+v", info)
+		}
+		rch := kiotest.Open(t, ro)
+		for _, op := range []bdev.Op{bdev.OpWrite, bdev.OpWriteZeroes, bdev.OpWriteSame, bdev.OpUnmap} {
+			io := &bdev.IO{Op: op, Offset: 0, Len: 4096, Iov: [][]byte{buf}, NRanges: 1,
+				Ranges: [bdev.MaxRanges]bdev.Range{{Offset: 0, Len: 4096}}}
+			if err := kiotest.Do(t, rch, io); !errors.Is(err, bdev.ErrReadOnly) {
+				t.Errorf("%v: err %v, want ErrReadOnly", op, err)
+			}
+		}
+		buf[0] = 0
+		if err := kiotest.Do(t, rch, &bdev.IO{Op: bdev.OpRead, Offset: 4096, Len: 4096, Iov: [][]byte{buf}}); err != nil || buf[0] != 0x77 {
+			t.Fatalf("read-only read: %v, byte %#x", err, buf[0])
+		}
+	})
+	t.Run("CloseInFlight", func(t *testing.T) {
+		d := open(t, 1<<20, 512, 8)
+		ch, err := d.Open()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := d.Close(); err == nil {
+			t.Error("Close of a disk with a channel open succeeded")
+		}
+		buf := kiotest.Mem(t, 4096)
+		var w kiotest.Waiter
+		io := &bdev.IO{Op: bdev.OpRead, Len: 4096, Iov: [][]byte{buf}, Done: &w}
+		ch.Submit(io)
+		if err := ch.Close(); !errors.Is(err, ErrInFlight) {
+			t.Errorf("Close with an IO in flight: %v", err)
+		}
+		for deadline := time.Now().Add(10 * time.Second); len(w.Done) == 0 && time.Now().Before(deadline); {
+			ch.Poll()
+		}
+		if len(w.Done) != 1 || io.Err != nil {
+			t.Fatalf("done %d, err %v", len(w.Done), io.Err)
+		}
+		if err := ch.Close(); err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Run("MissingImage", func(t *testing.T) {
+		begin := time.Now()
+		_, err := Open(cfg("nope"))
+		if err == nil || !strings.Contains(err.Error(), `bdev "r0"`) || !strings.Contains(err.Error(), "nope") ||
+			!strings.Contains(err.Error(), "no such image") {
+			t.Errorf("missing image: %v", err)
+		}
+		t.Logf("%v (%v)", err, time.Since(begin).Round(time.Millisecond))
+	})
+	t.Run("MissingPool", func(t *testing.T) {
+		bad := cfg("img1")
+		bad.Pool = "nopool"
+		_, err := Open(bad)
+		if err == nil || !strings.Contains(err.Error(), `bdev "r0"`) || !strings.Contains(err.Error(), "nopool") {
+			t.Errorf("missing pool: %v", err)
+		}
+	})
+	t.Run("BadConfig", func(t *testing.T) {
+		for _, bc := range []Config{
+			{Name: "r0", Pool: c.Pool, Image: "img1", Conf: c.Conf, BlockSize: 1024},
+			{Name: "r0", Image: "img1", Conf: c.Conf},
+			{Name: "r0", Pool: c.Pool, Image: "img1", Conf: "/nonexistent/ceph.conf"},
+		} {
+			if _, err := Open(bc); err == nil || !strings.Contains(err.Error(), `bdev "r0"`) {
+				t.Errorf("%+v: %v", bc, err)
+			}
+		}
+	})
+	t.Run("UnreachableCluster", func(t *testing.T) {
+		// A ceph.conf naming a monitor nobody listens on.
+		conf := filepath.Join(t.TempDir(), "ceph.conf")
+		if err := os.WriteFile(conf, []byte("[global]\nmon_host = 127.0.0.1:9\nauth_client_required = cephx\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		bad := cfg("img1")
+		bad.Conf = conf
+		begin := time.Now()
+		_, err := Open(bad)
+		took := time.Since(begin)
+		if err == nil || !strings.Contains(err.Error(), `bdev "r0"`) || !strings.Contains(err.Error(), "connect") {
+			t.Errorf("unreachable cluster: %v", err)
+		}
+		if took > 10*time.Second {
+			t.Errorf("unreachable cluster: error after %v, want within 10 s", took)
+		}
+		t.Logf("%v (after %v)", err, took.Round(time.Millisecond))
+	})
+}
+
+func testRange(t *testing.T, d *Disk) {
+	ch := kiotest.Open(t, d)
+	buf := kiotest.Mem(t, 8192)
+	cases := []bdev.IO{
+		{Op: bdev.OpRead, Offset: 1 << 20, Len: 512, Iov: [][]byte{buf}},
+		{Op: bdev.OpRead, Offset: 1<<20 - 512, Len: 1024, Iov: [][]byte{buf}},
+		{Op: bdev.OpWrite, Offset: 100, Len: 512, Iov: [][]byte{buf}},
+		{Op: bdev.OpWrite, Offset: 0, Len: 8192, Iov: [][]byte{buf[:4096]}},
+		{Op: bdev.OpWriteZeroes, Offset: ^uint64(0) - 511, Len: 1024},
+		{Op: bdev.OpWriteSame, Offset: 0, Len: 1024, Iov: [][]byte{buf[:100]}},
+		{Op: bdev.OpUnmap, NRanges: 1, Ranges: [bdev.MaxRanges]bdev.Range{{Offset: 1 << 20, Len: 512}}},
+	}
+	for i := range cases {
+		if err := kiotest.Do(t, ch, &cases[i]); !errors.Is(err, bdev.ErrRange) {
+			t.Errorf("case %d (%v): err %v, want ErrRange", i, cases[i].Op, err)
+		}
+	}
+	if err := kiotest.Do(t, ch, &bdev.IO{Op: bdev.Op(99)}); !errors.Is(err, bdev.ErrNotSup) {
+		t.Errorf("unknown op: err %v", err)
+	}
+	if err := kiotest.Do(t, ch, &bdev.IO{Op: bdev.OpWrite, Offset: 1<<20 - 512, Len: 512, Iov: [][]byte{buf[:512]}}); err != nil {
+		t.Errorf("last block: %v", err)
+	}
+	// Unmap of several ranges (one librbd completion each) reads back zeroes.
+	for i := range buf {
+		buf[i] = 0xAB
+	}
+	if err := kiotest.Do(t, ch, &bdev.IO{Op: bdev.OpWrite, Offset: 0, Len: 8192, Iov: [][]byte{buf}}); err != nil {
+		t.Fatal(err)
+	}
+	io := &bdev.IO{Op: bdev.OpUnmap, NRanges: 3}
+	io.Ranges[0] = bdev.Range{Offset: 512, Len: 1024}
+	io.Ranges[1] = bdev.Range{Offset: 3072, Len: 0}
+	io.Ranges[2] = bdev.Range{Offset: 4096, Len: 2048}
+	if err := kiotest.Do(t, ch, io); err != nil {
+		t.Fatal(err)
+	}
+	if err := kiotest.Do(t, ch, &bdev.IO{Op: bdev.OpRead, Offset: 0, Len: 8192, Iov: [][]byte{buf}}); err != nil {
+		t.Fatal(err)
+	}
+	for i, b := range buf {
+		zero := i >= 512 && i < 1536 || i >= 4096 && i < 6144
+		if zero != (b == 0) {
+			t.Fatalf("after unmapping [512,1536) and [4096,6144): byte %d is %#x", i, b)
+		}
+	}
+	if ch.InFlight() != 0 {
+		t.Errorf("InFlight = %d", ch.InFlight())
+	}
+}
+
+// testQueueDepthOne submits far more IOs than slots: the rest wait in the
+// FIFO and every IO completes exactly once.
+func testQueueDepthOne(t *testing.T, d *Disk) {
+	ch := kiotest.Open(t, d)
+	mem := kiotest.Mem(t, 200*4096)
+	var w kiotest.Waiter
+	ios := make([]bdev.IO, 200)
+	for i := range ios {
+		b := mem[i*4096 : (i+1)*4096]
+		for j := range b {
+			b[j] = byte(i)
+		}
+		iov := [][]byte{b[:512]}
+		if i%3 == 0 {
+			iov = [][]byte{b[1:300], b[301:514]}
+		}
+		ios[i] = bdev.IO{Op: bdev.OpWrite, Offset: uint64(i) * 512, Len: 512, Iov: iov, Done: &w}
+		ch.Submit(&ios[i])
+	}
+	if ch.InFlight() != 200 {
+		t.Fatalf("InFlight = %d after 200 submissions, want 200", ch.InFlight())
+	}
+	for deadline := time.Now().Add(30 * time.Second); len(w.Done) < 200; {
+		if ch.Poll() == 0 && time.Now().After(deadline) {
+			t.Fatalf("%d of 200 done after 30 s", len(w.Done))
+		}
+	}
+	seen := map[*bdev.IO]bool{}
+	for _, io := range w.Done {
+		if seen[io] || io.Err != nil {
+			t.Fatalf("IO completed twice or failed: %v", io.Err)
+		}
+		seen[io] = true
+	}
+	buf := kiotest.Mem(t, 200*512)
+	if err := kiotest.Do(t, ch, &bdev.IO{Op: bdev.OpRead, Len: 200 * 512, Iov: [][]byte{buf}}); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 200; i++ {
+		got := buf[i*512]
+		if i%3 == 0 {
+			got = buf[i*512+299]
+		}
+		if got != byte(i) {
+			t.Fatalf("block %d = %d, want %d", i, got, i)
+		}
+	}
+}
+
+// testAllocs: submitting and reaping allocates nothing on the Go side.
+func testAllocs(t *testing.T, d *Disk) {
+	ch := kiotest.Open(t, d)
+	mem := kiotest.Mem(t, 16384)
+	var w kiotest.Waiter
+	w.Done = make([]*bdev.IO, 0, 8)
+	ios := []bdev.IO{
+		{Op: bdev.OpRead, Offset: 0, Len: 4096, Iov: [][]byte{mem[:4096]}},
+		{Op: bdev.OpWrite, Offset: 8192, Len: 4096, Iov: [][]byte{mem[4097:6000], mem[6000:8290]}},
+		{Op: bdev.OpRead, Offset: 8192, Len: 4096, Iov: [][]byte{mem[8193:12289]}},
+		{Op: bdev.OpWriteZeroes, Offset: 65536, Len: 8192},
+		{Op: bdev.OpWriteSame, Offset: 131072, Len: 8192, Iov: [][]byte{mem[12289:12801]}},
+		{Op: bdev.OpUnmap, NRanges: 2, Ranges: [bdev.MaxRanges]bdev.Range{{Offset: 196608, Len: 4096}, {Offset: 262144, Len: 512}}},
+		{Op: bdev.OpFlush},
+	}
+	for i := range ios {
+		ios[i].Done = &w
+	}
+	run := func() {
+		w.Done = w.Done[:0]
+		for i := range ios {
+			ch.Submit(&ios[i])
+		}
+		for len(w.Done) < len(ios) {
+			ch.Poll()
+		}
+		for _, io := range w.Done {
+			if io.Err != nil {
+				t.Fatalf("%v: %v", io.Op, io.Err)
+			}
+		}
+	}
+	run()
+	if n := testing.AllocsPerRun(50, run); n != 0 {
+		t.Errorf("Submit/Poll allocate %v per run of %d IOs", n, len(ios))
+	}
+}
+
+// testEventFD: a completion makes the channel's eventfd readable.
+func testEventFD(t *testing.T, d *Disk) {
+	ch := kiotest.Open(t, d)
+	fd := ch.(bdev.Waker).EventFD()
+	if fd < 0 || ch.(bdev.Waker).EventFD() != fd {
+		t.Fatalf("EventFD = %d", fd)
+	}
+	mem := kiotest.Mem(t, 4096)
+	for _, io := range []*bdev.IO{
+		{Op: bdev.OpWrite, Len: 4096, Iov: [][]byte{mem}},
+		{Op: bdev.OpRead, Len: 4096, Iov: [][]byte{mem}},
+		{Op: bdev.OpFlush},
+		{Op: bdev.OpUnmap, NRanges: 1, Ranges: [bdev.MaxRanges]bdev.Range{{Offset: 0, Len: 4096}}},
+	} {
+		var w kiotest.Waiter
+		io.Done = &w
+		ch.Submit(io)
+		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		n, err := unix.Poll(pfd, 10000)
+		if err != nil || n != 1 {
+			t.Fatalf("%v: eventfd not readable: %d %v", io.Op, n, err)
+		}
+		var b [8]byte
+		unix.Read(fd, b[:])
+		if ch.Poll() != 1 || len(w.Done) != 1 || io.Err != nil {
+			t.Fatalf("%v: after the wake-up: done %d err %v", io.Op, len(w.Done), io.Err)
+		}
+	}
+}
