@@ -460,6 +460,17 @@ func deriveUUID(pool, ns, id string) [16]byte {
 	return u
 }
 
+// clientAddrs returns the addresses of this disk's RADOS session, as
+// `ceph osd blocklist add` takes them (tests blocklist the client).
+func (d *Disk) clientAddrs() (string, error) {
+	var p *C.char
+	if r := C.rados_getaddrs(d.cluster, &p); r < 0 {
+		return "", errno("rados_getaddrs", r)
+	}
+	defer C.free(unsafe.Pointer(p))
+	return C.GoString(p), nil
+}
+
 // release undoes what connect did, in reverse.
 func (d *Disk) release() {
 	if d.image != nil {

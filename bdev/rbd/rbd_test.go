@@ -12,9 +12,11 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -202,6 +204,122 @@ func TestRBD(t *testing.T) {
 			}
 		}
 	})
+	t.Run("OSDDown", func(t *testing.T) {
+		// With the OSD stopped an IO fails after OpTimeout (ETIMEDOUT: a
+		// medium error, not a hang); once it is back, IO works again.
+		images++
+		name := fmt.Sprintf("img%d", images)
+		c.CreateImage(t, name, 1<<20)
+		oc := cfg(name)
+		oc.OpTimeout = 3 * time.Second
+		d, err := Open(oc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d.Close()
+		ch := kiotest.Open(t, d)
+		buf := kiotest.Mem(t, 4096)
+		buf[0] = 1
+		if err := kiotest.Do(t, ch, &bdev.IO{Op: bdev.OpWrite, Len: 4096, Iov: [][]byte{buf}}); err != nil {
+			t.Fatal(err)
+		}
+		c.StopOSD(t)
+		osdUp := false
+		defer func() {
+			if !osdUp {
+				c.StartOSD(t)
+			}
+		}()
+		begin := time.Now()
+		var w kiotest.Waiter
+		io := &bdev.IO{Op: bdev.OpRead, Offset: 8192, Len: 4096, Iov: [][]byte{buf}, Done: &w}
+		ch.Submit(io)
+		for len(w.Done) == 0 && time.Since(begin) < 60*time.Second {
+			if ch.Poll() == 0 {
+				time.Sleep(time.Millisecond)
+			}
+		}
+		took := time.Since(begin)
+		if len(w.Done) != 1 || !errors.Is(io.Err, bdev.ErrIO) {
+			t.Fatalf("read with the OSD down: done %d, err %v after %v", len(w.Done), io.Err, took)
+		}
+		t.Logf("read with the OSD down: %v after %v", io.Err, took.Round(time.Millisecond))
+		c.StartOSD(t)
+		osdUp = true
+		begin = time.Now()
+		for {
+			buf[0] = 2
+			err := kiotest.Do(t, ch, &bdev.IO{Op: bdev.OpWrite, Len: 4096, Iov: [][]byte{buf}})
+			if err == nil {
+				break
+			}
+			if time.Since(begin) > 90*time.Second {
+				t.Fatalf("write after the OSD restarted: %v", err)
+			}
+		}
+		buf[0] = 0
+		if err := kiotest.Do(t, ch, &bdev.IO{Op: bdev.OpRead, Len: 4096, Iov: [][]byte{buf}}); err != nil || buf[0] != 2 {
+			t.Fatalf("read back after the OSD restarted: %v, byte %d", err, buf[0])
+		}
+		t.Logf("IO served again %v after the OSD started", time.Since(begin).Round(time.Millisecond))
+	})
+	t.Run("Blocklisted", func(t *testing.T) {
+		images++
+		name := fmt.Sprintf("img%d", images)
+		c.CreateImage(t, name, 1<<20)
+		var logs bytes.Buffer
+		var mu sync.Mutex
+		bc := cfg(name)
+		bc.Logger = slog.New(slog.NewTextHandler(lockedWriter{&mu, &logs}, nil))
+		bc.OpTimeout = 10 * time.Second
+		d, err := Open(bc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ch, err := d.Open()
+		if err != nil {
+			t.Fatal(err)
+		}
+		buf := kiotest.Mem(t, 4096)
+		if err := kiotest.Do(t, ch, &bdev.IO{Op: bdev.OpWrite, Len: 4096, Iov: [][]byte{buf}}); err != nil {
+			t.Fatal(err)
+		}
+		addrs, err := d.clientAddrs()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, a := range strings.Split(strings.Trim(addrs, "[]"), ",") {
+			a = strings.TrimPrefix(strings.TrimPrefix(a, "v2:"), "v1:")
+			c.Ceph(t, "osd", "blocklist", "add", a)
+		}
+		t.Logf("blocklisted %s", addrs)
+		failed := 0
+		for begin := time.Now(); failed < 3 && time.Since(begin) < 60*time.Second; {
+			if err := kiotest.Do(t, ch, &bdev.IO{Op: bdev.OpWrite, Offset: 4096, Len: 4096, Iov: [][]byte{buf}}); err != nil {
+				if !errors.Is(err, bdev.ErrIO) {
+					t.Fatalf("write of a blocklisted client: %v", err)
+				}
+				failed++
+			}
+		}
+		mu.Lock()
+		log := logs.String()
+		mu.Unlock()
+		if failed < 3 || strings.Count(log, "blocklisted") != 1 || !strings.Contains(log, "bdev=r0") {
+			t.Errorf("blocklisted client: %d writes failed; log %q", failed, log)
+		}
+		if err := ch.Close(); err != nil {
+			t.Fatal(err)
+		}
+		closed := make(chan error, 1)
+		go func() { closed <- d.Close() }()
+		select {
+		case err := <-closed:
+			t.Logf("close of a blocklisted disk: %v", err)
+		case <-time.After(60 * time.Second):
+			t.Error("close of a blocklisted disk hangs")
+		}
+	})
 	t.Run("UnreachableCluster", func(t *testing.T) {
 		// A ceph.conf naming a monitor nobody listens on.
 		conf := filepath.Join(t.TempDir(), "ceph.conf")
@@ -221,6 +339,17 @@ func TestRBD(t *testing.T) {
 		}
 		t.Logf("%v (after %v)", err, took.Round(time.Millisecond))
 	})
+}
+
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  *bytes.Buffer
+}
+
+func (l lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }
 
 func testRange(t *testing.T, d *Disk) {
