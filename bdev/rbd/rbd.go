@@ -346,6 +346,11 @@ func (d *Disk) connect(c Config) error {
 			return err
 		}
 	}
+	// rbd_aio_* only queue the request for librbd's own threads (the
+	// default, made explicit): a reactor's submit never waits on the cluster.
+	if err := d.set("rbd_non_blocking_aio", "true"); err != nil {
+		return err
+	}
 	// Discards zero what they cover, partial objects included, so unmapped
 	// blocks read back as zeroes (LBPRZ). Checked below: image metadata or
 	// an older librbd may say otherwise.
