@@ -35,6 +35,7 @@ struct vt_slot {
 	int32_t pending; // librbd completions outstanding, +1 while vt_submit runs
 	int64_t res;     // 0, or the first negative errno of the IO's operations
 	uint64_t ranges[2 * VT_MAXRANGES]; // unmap: offset, length pairs
+	uint8_t pattern[4096];             // write same: the block, copied out of Go memory
 	struct vt_iov iov[VT_MAXIOV];
 };
 
@@ -108,7 +109,7 @@ static int vt_issue(struct vt_ch *ch, struct vt_slot *s, int op, uint64_t off, u
 		r = rbd_aio_write_zeroes(ch->image, off, len, c, 0, 0);
 		break;
 	case VT_WRITE_SAME:
-		r = rbd_aio_writesame(ch->image, off, len, (const char *)(uintptr_t)s->iov[0].base, (size_t)n, c, 0);
+		r = rbd_aio_writesame(ch->image, off, len, (const char *)s->pattern, (size_t)n, c, 0);
 		break;
 	default:
 		r = -EINVAL;
@@ -688,9 +689,10 @@ func (c *channel) start(io *bdev.IO) {
 		}
 		n = io.NRanges
 	case bdev.OpWriteSame:
-		bs := c.d.info.BlockSize
-		s.iov[0] = C.struct_vt_iov{base: C.uint64_t(uintptr(unsafe.Pointer(&io.Iov[0][0]))), len: C.uint64_t(bs)}
-		n = int(bs)
+		// The pattern block is often Go memory (SCSI copies it into its
+		// command): librbd gets a copy in the slot, in C memory.
+		n = int(c.d.info.BlockSize)
+		copy(unsafe.Slice((*byte)(unsafe.Pointer(&s.pattern[0])), n), io.Iov[0][:n])
 	}
 	C.vt_submit(c.c, C.uint32_t(idx), C.int(io.Op), C.uint64_t(io.Offset), C.uint64_t(io.Len), C.int(n))
 }

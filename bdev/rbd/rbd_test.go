@@ -513,6 +513,24 @@ func testRange(t *testing.T, d *Disk) {
 			t.Fatalf("after unmapping [512,1536) and [4096,6144): byte %d is %#x", i, b)
 		}
 	}
+	// WRITE SAME with its pattern in Go memory (as SCSI gives it): the
+	// slot's C copy is what librbd repeats.
+	pattern := make([]byte, 512)
+	for i := range pattern {
+		pattern[i] = byte(i) | 1
+	}
+	if err := kiotest.Do(t, ch, &bdev.IO{Op: bdev.OpWriteSame, Offset: 0, Len: 8192, Iov: [][]byte{pattern}}); err != nil {
+		t.Fatal(err)
+	}
+	clear(pattern)
+	if err := kiotest.Do(t, ch, &bdev.IO{Op: bdev.OpRead, Offset: 0, Len: 8192, Iov: [][]byte{buf}}); err != nil {
+		t.Fatal(err)
+	}
+	for i, b := range buf {
+		if b != byte(i%512)|1 {
+			t.Fatalf("after WRITE SAME: byte %d is %#x", i, b)
+		}
+	}
 	if ch.InFlight() != 0 {
 		t.Errorf("InFlight = %d", ch.InFlight())
 	}
