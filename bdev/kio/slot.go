@@ -79,72 +79,11 @@ type Completions interface {
 	Push(s *Slot) bool
 }
 
-// Check validates io against the backing store before it takes a slot. It
-// returns now=true when io is finished already (io.Err holds the result: an
-// error, or nil for a zero-length transfer).
+// Check validates io against the backing store before it takes a slot
+// (bdev.Check against the size served now: one atomic load, so an IO
+// checked after a Resize sees the new size).
 func Check(b *Backing, io *bdev.IO) (now bool) {
-	bs := uint64(b.BlockSize)
-	io.Err = nil
-	switch io.Op {
-	case bdev.OpRead, bdev.OpWrite, bdev.OpWriteZeroes, bdev.OpWriteSame:
-		if io.Op != bdev.OpRead && b.ReadOnly {
-			io.Err = bdev.ErrReadOnly
-			return true
-		}
-		if io.Offset%bs != 0 || io.Len%bs != 0 || !b.inRange(io.Offset, io.Len) {
-			io.Err = bdev.ErrRange
-			return true
-		}
-		if io.Len == 0 {
-			return true
-		}
-		switch io.Op {
-		case bdev.OpRead, bdev.OpWrite:
-			var n uint64
-			for _, v := range io.Iov {
-				n += uint64(len(v))
-			}
-			if n < io.Len {
-				io.Err = bdev.ErrRange // buffers smaller than Len: a caller bug
-				return true
-			}
-		case bdev.OpWriteSame:
-			if len(io.Iov) == 0 || uint64(len(io.Iov[0])) < bs {
-				io.Err = bdev.ErrRange
-				return true
-			}
-		}
-		return false
-	case bdev.OpFlush:
-		return false
-	case bdev.OpUnmap:
-		if b.ReadOnly {
-			io.Err = bdev.ErrReadOnly
-			return true
-		}
-		if io.NRanges < 0 || io.NRanges > bdev.MaxRanges {
-			io.Err = bdev.ErrRange
-			return true
-		}
-		work := false
-		for _, r := range io.Ranges[:io.NRanges] {
-			if !b.inRange(r.Offset, r.Len) {
-				io.Err = bdev.ErrRange
-				return true
-			}
-			work = work || r.Len != 0
-		}
-		return !work // nothing to unmap
-	}
-	io.Err = bdev.ErrNotSup
-	return true
-}
-
-// inRange checks [off, off+n) against the size served now: one atomic load,
-// so an IO checked after a Resize sees the new size.
-func (b *Backing) inRange(off, n uint64) bool {
-	size := b.size.Load()
-	return off <= size && size-off >= n
+	return bdev.Check(io, b.BlockSize, b.size.Load(), b.ReadOnly)
 }
 
 // NeedsBounce reports whether io (checked by Check) needs a bounce buffer:

@@ -565,73 +565,28 @@ type channel struct {
 
 var _ bdev.Waker = (*channel)(nil)
 
-// check validates io; it returns true when io is finished already.
+// check validates io (bdev.Check, and no more guest segments than a slot's
+// C iovec array holds); it returns true when io is finished already.
 func (c *channel) check(io *bdev.IO) bool {
 	d := c.d
-	bs := uint64(d.info.BlockSize)
-	io.Err = nil
-	inRange := func(off, n uint64) bool { return off <= d.size && d.size-off >= n }
-	switch io.Op {
-	case bdev.OpRead, bdev.OpWrite, bdev.OpWriteZeroes, bdev.OpWriteSame:
-		if io.Op != bdev.OpRead && d.readOnly {
-			io.Err = bdev.ErrReadOnly
-			return true
-		}
-		if io.Offset%bs != 0 || io.Len%bs != 0 || !inRange(io.Offset, io.Len) {
-			io.Err = bdev.ErrRange
-			return true
-		}
-		if io.Len == 0 {
-			return true
-		}
-		switch io.Op {
-		case bdev.OpRead, bdev.OpWrite:
-			var n uint64
-			segs := 0
-			for _, v := range io.Iov {
-				if n < io.Len && len(v) > 0 {
-					segs++
-				}
-				n += uint64(len(v))
-			}
-			if n < io.Len {
-				io.Err = bdev.ErrRange
-				return true
-			}
-			if segs > MaxIovecs {
-				io.Err = bdev.ErrIO // more segments than any virtqueue chain has
-				return true
-			}
-		case bdev.OpWriteSame:
-			if len(io.Iov) == 0 || uint64(len(io.Iov[0])) < bs {
-				io.Err = bdev.ErrRange
-				return true
-			}
-		}
-		return false
-	case bdev.OpFlush:
-		return false
-	case bdev.OpUnmap:
-		if d.readOnly {
-			io.Err = bdev.ErrReadOnly
-			return true
-		}
-		if io.NRanges < 0 || io.NRanges > bdev.MaxRanges {
-			io.Err = bdev.ErrRange
-			return true
-		}
-		work := false
-		for _, r := range io.Ranges[:io.NRanges] {
-			if !inRange(r.Offset, r.Len) {
-				io.Err = bdev.ErrRange
-				return true
-			}
-			work = work || r.Len != 0
-		}
-		return !work
+	if bdev.Check(io, d.info.BlockSize, d.size, d.readOnly) {
+		return true
 	}
-	io.Err = bdev.ErrNotSup
-	return true
+	if (io.Op == bdev.OpRead || io.Op == bdev.OpWrite) && len(io.Iov) > MaxIovecs {
+		// Count the segments that carry data, as vt_submit does.
+		segs, n := 0, uint64(0)
+		for _, v := range io.Iov {
+			if n < io.Len && len(v) > 0 {
+				segs++
+			}
+			n += uint64(len(v))
+		}
+		if segs > MaxIovecs {
+			io.Err = bdev.ErrIO // more segments than any virtqueue chain has
+			return true
+		}
+	}
+	return false
 }
 
 // Submit starts io, or queues it while every slot is in use. Only a bad IO
