@@ -113,83 +113,11 @@ func (c *blkFuzzConn) connect(t testing.TB) {
 // whether the chain completed (and its used length); when the target broke
 // the queue instead, it connects again and reports false.
 func (c *blkFuzzConn) run(t *testing.T, in []byte) (done bool, used uint32) {
-	d, slot, ft := c.d, c.slot, c.ft
-	q := d.Queue(0)
-	memSize := d.Options().MemSize
-	r := &reqInput{in: in}
-	// The encoding of FuzzRequest: 2 x (offset16, len8, data[len]) written
-	// into scratch, an indirect table (count, offset16, descriptors) and the
-	// chain (count-1, descriptors: addr16, len16, flags8, next8).
-	for k := 0; k < 2; k++ {
-		off, n := uint64(r.u16())%reqScratch, int(r.byte())
-		if uint64(n) > reqScratch-off {
-			n = int(reqScratch - off)
-		}
-		buf := make([]byte, n)
-		for i := range buf {
-			buf[i] = r.byte()
-		}
-		d.WriteGuest(slot.DataGPA+off, buf)
-	}
-	var writable uint64 // every device-writable byte the input describes
-	desc := func() frontend.Desc {
-		a := r.addr(slot.DataGPA, memSize)
-		l := uint32(r.u16())
-		if l&0x8000 != 0 {
-			l = l&0x7fff | uint32(r.byte())<<24 // huge lengths
-		}
-		fl := uint16(r.byte()) & (fNext | fWrite | fInd)
-		if fl&fWrite != 0 {
-			writable += uint64(l)
-		}
-		return frontend.Desc{Addr: a, Len: l, Flags: fl, Next: uint16(r.byte())}
-	}
-	nind := int(r.byte() % 9)
-	if nind > 0 {
-		tbl := slot.DataGPA + uint64(r.u16())%(reqScratch-16*8)
-		b := make([]byte, 16*nind)
-		for i := 0; i < nind; i++ {
-			ds := desc()
-			binary.LittleEndian.PutUint64(b[16*i:], ds.Addr)
-			binary.LittleEndian.PutUint32(b[16*i+8:], ds.Len)
-			binary.LittleEndian.PutUint16(b[16*i+12:], ds.Flags)
-			binary.LittleEndian.PutUint16(b[16*i+14:], ds.Next)
-		}
-		d.WriteGuest(tbl, b)
-	}
-	n := 1 + int(r.byte()%8)
-	descs := make([]frontend.Desc, n)
-	// closed: the chain can reach only descriptors of this input (no
-	// indirect table, which may be stale bytes, no link out of descs into
-	// table entries earlier requests left).
-	closed := true
-	for i := range descs {
-		descs[i] = desc()
-		if descs[i].Flags&fInd != 0 || descs[i].Flags&fNext != 0 && int(descs[i].Next) >= n {
-			closed = false
-		}
-	}
-	before := ft.victim.Stats.Snapshot()
-	u0 := q.UsedIdx()
-	head := q.AddRawChain(descs)
-	q.Kick()
-	deadline := time.Now().Add(2 * time.Second)
-	for !done {
-		if n, err := q.WaitRaw(head, 10*time.Millisecond); err == nil {
-			done, used = true, n
-		} else if ft.victim.Stats.Snapshot().Queues[0].Broken > before.Queues[0].Broken {
-			break
-		} else if time.Now().After(deadline) {
-			t.Fatalf("head %d neither completed nor broke the queue (used %d -> %d)", head, u0, q.UsedIdx())
-		}
-	}
-	if err := q.Err(); err != nil {
-		t.Fatalf("target broke the used ring: %v", err)
-	}
+	done, used, writable, closed := runReqInput(t, c.d, c.slot, c.ft.victim, in)
 	if !done {
 		// A broken queue needs a device reset; start over on a new connection.
-		d.Abort()
-		eventually(t, "the session to end", 2*time.Second, func() bool { return ft.victim.Sessions() == 0 })
+		c.d.Abort()
+		eventually(t, "the session to end", 2*time.Second, func() bool { return c.ft.victim.Sessions() == 0 })
 		c.connect(t)
 		return false, 0
 	}
@@ -279,11 +207,7 @@ func TestBlkRequestSeeds(t *testing.T) {
 // blkRequestSeeds are well-formed and malformed virtio-blk chains in
 // FuzzRequest's encoding (one buffer written at scratch offset 0).
 func blkRequestSeeds() map[string][]byte {
-	type dsc struct {
-		off, ln uint16
-		flags   byte
-		next    byte
-	}
+	type dsc = fuzzDesc
 	hdr := func(typ uint32, sector uint64, extra ...byte) []byte {
 		h := make([]byte, frontend.BlkHeaderSize)
 		binary.LittleEndian.PutUint32(h, typ)
@@ -291,28 +215,7 @@ func blkRequestSeeds() map[string][]byte {
 		return append(h, extra...)
 	}
 	build := func(buf []byte, table []dsc, tableOff uint16, chain []dsc) []byte {
-		var b []byte
-		b = binary.LittleEndian.AppendUint16(b, 0)
-		b = append(b, byte(len(buf)))
-		b = append(b, buf...)
-		b = append(b, 0, 0, 0) // second write: nothing
-		put := func(d dsc) {
-			b = binary.LittleEndian.AppendUint16(b, d.off)
-			b = binary.LittleEndian.AppendUint16(b, d.ln)
-			b = append(b, d.flags, d.next)
-		}
-		b = append(b, byte(len(table)))
-		if len(table) > 0 {
-			b = binary.LittleEndian.AppendUint16(b, tableOff)
-			for _, d := range table {
-				put(d)
-			}
-		}
-		b = append(b, byte(len(chain)-1))
-		for _, d := range chain {
-			put(d)
-		}
-		return b
+		return encodeReqInput(0, buf, table, tableOff, chain)
 	}
 	const w, nx, ind = byte(fWrite), byte(fNext), byte(fInd)
 	seg := func(sector uint64, num, flags uint32) []byte {

@@ -516,6 +516,120 @@ func (r *reqInput) addr(scratch, memSize uint64) uint64 {
 	return scratch + off%reqScratch
 }
 
+// runReqInput plays one FuzzRequest input on request queue 0 of d (the
+// victim controller's): 2 x (offset16, len8, data[len]) written into the
+// slot's scratch, then an indirect table (count, offset16, descriptors)
+// written at its own address, then the chain (count-1, descriptors: addr16,
+// len16, flags8, next8), made available and waited for. It reports whether
+// the chain completed and its used length (false when the target broke the
+// queue instead), the device-writable bytes the input describes, and
+// whether the chain is closed: it can reach only descriptors of this input
+// (no indirect table, which may be stale bytes, and no link out of the
+// chain into entries earlier inputs left).
+func runReqInput(t *testing.T, d *frontend.Device, slot *frontend.Slot, victim *vhost.Controller, in []byte) (done bool, used uint32, writable uint64, closed bool) {
+	q := d.Queue(0)
+	memSize := d.Options().MemSize
+	r := &reqInput{in: in}
+	for k := 0; k < 2; k++ {
+		off, n := uint64(r.u16())%reqScratch, int(r.byte())
+		if uint64(n) > reqScratch-off {
+			n = int(reqScratch - off)
+		}
+		buf := make([]byte, n)
+		for i := range buf {
+			buf[i] = r.byte()
+		}
+		d.WriteGuest(slot.DataGPA+off, buf)
+	}
+	desc := func() frontend.Desc {
+		a := r.addr(slot.DataGPA, memSize)
+		l := uint32(r.u16())
+		if l&0x8000 != 0 {
+			l = l&0x7fff | uint32(r.byte())<<24 // huge lengths
+		}
+		fl := uint16(r.byte()) & (fNext | fWrite | fInd)
+		if fl&fWrite != 0 {
+			writable += uint64(l)
+		}
+		return frontend.Desc{Addr: a, Len: l, Flags: fl, Next: uint16(r.byte())}
+	}
+	nind := int(r.byte() % 9)
+	if nind > 0 {
+		tbl := slot.DataGPA + uint64(r.u16())%(reqScratch-16*8)
+		b := make([]byte, 16*nind)
+		for i := 0; i < nind; i++ {
+			ds := desc()
+			binary.LittleEndian.PutUint64(b[16*i:], ds.Addr)
+			binary.LittleEndian.PutUint32(b[16*i+8:], ds.Len)
+			binary.LittleEndian.PutUint16(b[16*i+12:], ds.Flags)
+			binary.LittleEndian.PutUint16(b[16*i+14:], ds.Next)
+		}
+		d.WriteGuest(tbl, b)
+	}
+	n := 1 + int(r.byte()%8)
+	descs := make([]frontend.Desc, n)
+	closed = true
+	for i := range descs {
+		descs[i] = desc()
+		if descs[i].Flags&fInd != 0 || descs[i].Flags&fNext != 0 && int(descs[i].Next) >= n {
+			closed = false
+		}
+	}
+	before := victim.Stats.Snapshot()
+	u0 := q.UsedIdx()
+	head := q.AddRawChain(descs)
+	q.Kick()
+	deadline := time.Now().Add(2 * time.Second)
+	for !done {
+		if n, err := q.WaitRaw(head, 10*time.Millisecond); err == nil {
+			done, used = true, n
+		} else if victim.Stats.Snapshot().Queues[0].Broken > before.Queues[0].Broken {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatalf("head %d neither completed nor broke the queue (used %d -> %d)", head, u0, q.UsedIdx())
+		}
+	}
+	if err := q.Err(); err != nil {
+		t.Fatalf("target broke the used ring: %v", err)
+	}
+	return done, used, writable, closed
+}
+
+// fuzzDesc is one descriptor of a request seed: scratch offset, length,
+// flags and next.
+type fuzzDesc struct {
+	off, ln uint16
+	flags   byte
+	next    byte
+}
+
+// encodeReqInput is runReqInput's encoding of a seed: buf written at bufOff
+// (the second write empty), an indirect table at tableOff, the chain.
+func encodeReqInput(bufOff uint16, buf []byte, table []fuzzDesc, tableOff uint16, chain []fuzzDesc) []byte {
+	var b []byte
+	b = binary.LittleEndian.AppendUint16(b, bufOff)
+	b = append(b, byte(len(buf)))
+	b = append(b, buf...)
+	b = append(b, 0, 0, 0) // second write: nothing
+	put := func(d fuzzDesc) {
+		b = binary.LittleEndian.AppendUint16(b, d.off)
+		b = binary.LittleEndian.AppendUint16(b, d.ln)
+		b = append(b, d.flags, d.next)
+	}
+	b = append(b, byte(len(table)))
+	if len(table) > 0 {
+		b = binary.LittleEndian.AppendUint16(b, tableOff)
+		for _, d := range table {
+			put(d)
+		}
+	}
+	b = append(b, byte(len(chain)-1))
+	for _, d := range chain {
+		put(d)
+	}
+	return b
+}
+
 func FuzzRequest(f *testing.F) {
 	for _, s := range requestSeeds() {
 		f.Add(s)
@@ -538,68 +652,7 @@ func FuzzRequest(f *testing.F) {
 		if len(in) > 2048 {
 			return
 		}
-		q := d.Queue(0)
-		memSize := d.Options().MemSize
-		r := &reqInput{in: in}
-		// Bytes: 2 x (offset16, len8, data[len]) written into scratch, then
-		// ndesc and per descriptor addr16, len16, flags8, next8; an indirect
-		// table is described the same way and written at its own address.
-		for k := 0; k < 2; k++ {
-			off, n := uint64(r.u16())%reqScratch, int(r.byte())
-			if uint64(n) > reqScratch-off {
-				n = int(reqScratch - off)
-			}
-			buf := make([]byte, n)
-			for i := range buf {
-				buf[i] = r.byte()
-			}
-			d.WriteGuest(slot.DataGPA+off, buf)
-		}
-		desc := func() frontend.Desc {
-			a := r.addr(slot.DataGPA, memSize)
-			l := uint32(r.u16())
-			if l&0x8000 != 0 {
-				l = l&0x7fff | uint32(r.byte())<<24 // huge lengths
-			}
-			fl := uint16(r.byte()) & (fNext | fWrite | fInd)
-			return frontend.Desc{Addr: a, Len: l, Flags: fl, Next: uint16(r.byte())}
-		}
-		nind := int(r.byte() % 9)
-		if nind > 0 {
-			tbl := slot.DataGPA + uint64(r.u16())%(reqScratch-16*8)
-			b := make([]byte, 16*nind)
-			for i := 0; i < nind; i++ {
-				ds := desc()
-				binary.LittleEndian.PutUint64(b[16*i:], ds.Addr)
-				binary.LittleEndian.PutUint32(b[16*i+8:], ds.Len)
-				binary.LittleEndian.PutUint16(b[16*i+12:], ds.Flags)
-				binary.LittleEndian.PutUint16(b[16*i+14:], ds.Next)
-			}
-			d.WriteGuest(tbl, b)
-		}
-		n := 1 + int(r.byte()%8)
-		descs := make([]frontend.Desc, n)
-		for i := range descs {
-			descs[i] = desc()
-		}
-		before := ft.victim.Stats.Snapshot()
-		u0 := q.UsedIdx()
-		head := q.AddRawChain(descs)
-		q.Kick()
-		done := false
-		deadline := time.Now().Add(2 * time.Second)
-		for !done {
-			if _, err := q.WaitRaw(head, 10*time.Millisecond); err == nil {
-				done = true
-			} else if ft.victim.Stats.Snapshot().Queues[0].Broken > before.Queues[0].Broken {
-				break
-			} else if time.Now().After(deadline) {
-				t.Fatalf("head %d neither completed nor broke the queue (used %d -> %d)", head, u0, q.UsedIdx())
-			}
-		}
-		if err := q.Err(); err != nil {
-			t.Fatalf("target broke the used ring: %v", err)
-		}
+		done, _, _, _ := runReqInput(t, d, slot, ft.victim, in)
 		if !done {
 			// A broken queue needs a device reset; start over on a new connection.
 			d.Abort()
@@ -626,11 +679,7 @@ func FuzzRequest(f *testing.F) {
 }
 
 func requestSeeds() map[string][]byte {
-	type dsc struct {
-		off, ln uint16
-		flags   byte
-		next    byte
-	}
+	type dsc = fuzzDesc
 	hdr := func(cdb ...byte) []byte {
 		h := make([]byte, frontend.ReqSize)
 		l := frontend.LUNBytes(0, 0)
@@ -638,30 +687,7 @@ func requestSeeds() map[string][]byte {
 		copy(h[19:], cdb)
 		return h
 	}
-	build := func(bufOff uint16, buf []byte, table []dsc, tableOff uint16, chain []dsc) []byte {
-		var b []byte
-		b = binary.LittleEndian.AppendUint16(b, bufOff)
-		b = append(b, byte(len(buf)))
-		b = append(b, buf...)
-		b = append(b, 0, 0, 0) // second write: nothing
-		put := func(d dsc) {
-			b = binary.LittleEndian.AppendUint16(b, d.off)
-			b = binary.LittleEndian.AppendUint16(b, d.ln)
-			b = append(b, d.flags, d.next)
-		}
-		b = append(b, byte(len(table)))
-		if len(table) > 0 {
-			b = binary.LittleEndian.AppendUint16(b, tableOff)
-			for _, d := range table {
-				put(d)
-			}
-		}
-		b = append(b, byte(len(chain)-1))
-		for _, d := range chain {
-			put(d)
-		}
-		return b
-	}
+	build := encodeReqInput
 	const w, nx, ind = byte(fWrite), byte(fNext), byte(fInd)
 	tur := hdr(0, 0, 0, 0, 0, 0)
 	read := hdr(0x28, 0, 0, 0, 0, 8, 0, 0, 2, 0)
