@@ -587,11 +587,8 @@ func testQueueDepthOne(t *testing.T, d *Disk) {
 
 // testAllocs: submitting and reaping allocates nothing on the Go side.
 func testAllocs(t *testing.T, d *Disk) {
-	ch := kiotest.Open(t, d)
 	mem := kiotest.Mem(t, 16384)
-	var w kiotest.Waiter
-	w.Done = make([]*bdev.IO, 0, 8)
-	ios := []bdev.IO{
+	kiotest.NoAllocs(t, kiotest.Open(t, d), []bdev.IO{
 		{Op: bdev.OpRead, Offset: 0, Len: 4096, Iov: [][]byte{mem[:4096]}},
 		{Op: bdev.OpWrite, Offset: 8192, Len: 4096, Iov: [][]byte{mem[4097:6000], mem[6000:8290]}},
 		{Op: bdev.OpRead, Offset: 8192, Len: 4096, Iov: [][]byte{mem[8193:12289]}},
@@ -599,28 +596,7 @@ func testAllocs(t *testing.T, d *Disk) {
 		{Op: bdev.OpWriteSame, Offset: 131072, Len: 8192, Iov: [][]byte{mem[12289:12801]}},
 		{Op: bdev.OpUnmap, NRanges: 2, Ranges: [bdev.MaxRanges]bdev.Range{{Offset: 196608, Len: 4096}, {Offset: 262144, Len: 512}}},
 		{Op: bdev.OpFlush},
-	}
-	for i := range ios {
-		ios[i].Done = &w
-	}
-	run := func() {
-		w.Done = w.Done[:0]
-		for i := range ios {
-			ch.Submit(&ios[i])
-		}
-		for len(w.Done) < len(ios) {
-			ch.Poll()
-		}
-		for _, io := range w.Done {
-			if io.Err != nil {
-				t.Fatalf("%v: %v", io.Op, io.Err)
-			}
-		}
-	}
-	run()
-	if n := testing.AllocsPerRun(50, run); n != 0 {
-		t.Errorf("Submit/Poll allocate %v per run of %d IOs", n, len(ios))
-	}
+	})
 }
 
 // testEventFD: a completion makes the channel's eventfd readable.

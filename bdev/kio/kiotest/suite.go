@@ -351,17 +351,22 @@ func testUnmapHoles(t *testing.T, f Factory) {
 // write zeroes) allocates nothing.
 func testAllocs(t *testing.T, f Factory) {
 	d, _ := New(t, f, 1<<20, 512, 8)
-	ch := Open(t, d)
 	mem := Mem(t, 16384)
-	var w Waiter
-	w.Done = make([]*bdev.IO, 0, 8)
-	ios := []bdev.IO{
+	NoAllocs(t, Open(t, d), []bdev.IO{
 		{Op: bdev.OpRead, Offset: 0, Len: 4096, Iov: [][]byte{mem[:4096]}},
 		{Op: bdev.OpWrite, Offset: 8192, Len: 4096, Iov: [][]byte{mem[4097:6000], mem[6000:8290]}},
 		{Op: bdev.OpRead, Offset: 8192, Len: 4096, Iov: [][]byte{mem[8193:12289]}},
 		{Op: bdev.OpWriteZeroes, Offset: 65536, Len: 8192},
 		{Op: bdev.OpFlush},
-	}
+	})
+}
+
+// NoAllocs submits ios on ch together and reaps them, again and again, and
+// fails the test if a round allocates or an IO fails.
+func NoAllocs(t *testing.T, ch bdev.Channel, ios []bdev.IO) {
+	t.Helper()
+	var w Waiter
+	w.Done = make([]*bdev.IO, 0, len(ios))
 	for i := range ios {
 		ios[i].Done = &w
 	}
@@ -372,6 +377,11 @@ func testAllocs(t *testing.T, f Factory) {
 		}
 		for len(w.Done) < len(ios) {
 			ch.Poll()
+		}
+		for _, io := range w.Done {
+			if io.Err != nil {
+				t.Fatalf("%v: %v", io.Op, io.Err)
+			}
 		}
 	}
 	run()
