@@ -200,6 +200,7 @@ import (
 	"log/slog"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 	"unsafe"
@@ -225,8 +226,10 @@ func Available() bool { return true }
 // every channel (librbd's image handle is thread-safe for aio).
 type Disk struct {
 	name       string
-	info       *bdev.Info
-	size       uint64
+	blockSize  uint32
+	info       atomic.Pointer[bdev.Info] // replaced on a capacity change
+	size       atomic.Uint64             // bytes served: every IO's range check loads it
+	resizeMu   sync.Mutex                // serialises Resize and Rescan
 	readOnly   bool
 	queueDepth int
 	log        *slog.Logger
@@ -395,8 +398,10 @@ func (d *Disk) connect(c Config) error {
 		return errno("stat", r)
 	}
 	bs := uint64(c.BlockSize)
-	d.size = uint64(st.size) / bs * bs
-	if d.size == 0 {
+	d.blockSize = c.BlockSize
+	size := uint64(st.size) / bs * bs
+	d.size.Store(size)
+	if size == 0 {
 		return fmt.Errorf("image of %d bytes is less than one %d-byte block", uint64(st.size), bs)
 	}
 	uuid := c.UUID
@@ -404,14 +409,14 @@ func (d *Disk) connect(c Config) error {
 		uuid = deriveUUID(c.Pool, c.Namespace, d.imageID(c.Image))
 	}
 	skip, _ := d.get("rbd_skip_partial_discard")
-	d.info = &bdev.Info{
-		Name: c.Name, Type: "rbd", BlockSize: c.BlockSize, NumBlocks: d.size / bs, UUID: uuid,
+	d.info.Store(&bdev.Info{
+		Name: c.Name, Type: "rbd", BlockSize: c.BlockSize, NumBlocks: size / bs, UUID: uuid,
 		ReadOnly:    c.ReadOnly,
 		Unmap:       !c.ReadOnly,
 		UnmapZeroes: !c.ReadOnly && skip == "false" && d.meta("conf_rbd_skip_partial_discard", "false") == "false",
 		WriteZeroes: !c.ReadOnly,
 		WriteCache:  d.cacheOn(),
-	}
+	})
 	return nil
 }
 
@@ -494,11 +499,97 @@ func (d *Disk) release() {
 }
 
 // Info describes the disk.
-func (d *Disk) Info() *bdev.Info { return d.info }
+func (d *Disk) Info() *bdev.Info { return d.info.Load() }
+
+// setSize serves size bytes: IOs checked from now on see it, and Info
+// returns a new Info with the new NumBlocks.
+func (d *Disk) setSize(size uint64) {
+	ni := *d.info.Load()
+	ni.NumBlocks = size / uint64(d.blockSize)
+	d.size.Store(size)
+	d.info.Store(&ni)
+}
+
+// Resize grows the image (rbd_resize) and serves the new size
+// (bdev.Resizer, SPDK's bdev_rbd_resize). A shrink is refused, as SPDK
+// refuses it: rbd_resize to a smaller size deletes the objects beyond it,
+// so it is left to an operator's `rbd resize --allow-shrink` and a rescan.
+// rbd_resize waits for the cluster: call it from a management goroutine,
+// never a reactor.
+func (d *Disk) Resize(newSize uint64) error {
+	bs := uint64(d.blockSize)
+	switch {
+	case newSize == 0 || newSize%bs != 0:
+		return fmt.Errorf("bdev %q: new size %d is not a positive multiple of the block size %d", d.name, newSize, bs)
+	case d.readOnly:
+		return fmt.Errorf("bdev %q: the image is open read-only: it cannot be resized", d.name)
+	}
+	d.resizeMu.Lock()
+	defer d.resizeMu.Unlock()
+	if d.closed {
+		return fmt.Errorf("bdev %q: resize: closed", d.name)
+	}
+	cur := d.size.Load()
+	if newSize < cur {
+		return fmt.Errorf("bdev %q: shrink from %d to %d bytes refused: shrinking an rbd image deletes its data "+
+			"beyond the new size (use `rbd resize --allow-shrink` with the image unused, then rescan): %w",
+			d.name, cur, newSize, bdev.ErrInUse)
+	}
+	if newSize == cur {
+		return nil
+	}
+	var have C.uint64_t
+	if r := C.rbd_get_size(d.image, &have); r < 0 {
+		return fmt.Errorf("bdev %q: resize: %w", d.name, errno("rbd_get_size", r))
+	}
+	if uint64(have) < newSize {
+		if r := C.rbd_resize(d.image, C.uint64_t(newSize)); r < 0 {
+			return fmt.Errorf("bdev %q: %w", d.name, errno("rbd_resize to "+strconv.FormatUint(newSize, 10)+" bytes", r))
+		}
+	}
+	d.setSize(newSize)
+	return nil
+}
+
+// Rescan serves the whole image again, as its size is now (after an
+// `rbd resize` by another client), rounded down to the block size
+// (bdev.Rescanner). A smaller image is refused while a channel is open.
+func (d *Disk) Rescan() (bool, error) {
+	d.resizeMu.Lock()
+	defer d.resizeMu.Unlock()
+	if d.closed {
+		return false, fmt.Errorf("bdev %q: rescan: closed", d.name)
+	}
+	var have C.uint64_t
+	if r := C.rbd_get_size(d.image, &have); r < 0 {
+		return false, fmt.Errorf("bdev %q: rescan: %w", d.name, errno("rbd_get_size", r))
+	}
+	bs := uint64(d.blockSize)
+	size := uint64(have) / bs * bs
+	cur := d.size.Load()
+	switch {
+	case size == cur:
+		return false, nil
+	case size == 0:
+		return false, fmt.Errorf("bdev %q: rescan: the image is smaller than one block", d.name)
+	case size < cur && d.channels.Load() > 0:
+		return false, fmt.Errorf("bdev %q: image shrunk from %d to %d bytes, refused while %d channels are open: %w",
+			d.name, cur, size, d.channels.Load(), bdev.ErrInUse)
+	}
+	d.setSize(size)
+	return true, nil
+}
+
+var (
+	_ bdev.Resizer   = (*Disk)(nil)
+	_ bdev.Rescanner = (*Disk)(nil)
+)
 
 // Close closes the image (librbd writes back its cache) and the connection.
 // Every channel must be closed.
 func (d *Disk) Close() error {
+	d.resizeMu.Lock()
+	defer d.resizeMu.Unlock()
 	if d.closed {
 		return nil
 	}
@@ -569,7 +660,7 @@ var _ bdev.Waker = (*channel)(nil)
 // C iovec array holds); it returns true when io is finished already.
 func (c *channel) check(io *bdev.IO) bool {
 	d := c.d
-	if bdev.Check(io, d.info.BlockSize, d.size, d.readOnly) {
+	if bdev.Check(io, d.blockSize, d.size.Load(), d.readOnly) {
 		return true
 	}
 	if (io.Op == bdev.OpRead || io.Op == bdev.OpWrite) && len(io.Iov) > MaxIovecs {
@@ -646,7 +737,7 @@ func (c *channel) start(io *bdev.IO) {
 	case bdev.OpWriteSame:
 		// The pattern block is often Go memory (SCSI copies it into its
 		// command): librbd gets a copy in the slot, in C memory.
-		n = int(c.d.info.BlockSize)
+		n = int(c.d.blockSize)
 		copy(unsafe.Slice((*byte)(unsafe.Pointer(&s.pattern[0])), n), io.Iov[0][:n])
 	}
 	C.vt_submit(c.c, C.uint32_t(idx), C.int(io.Op), C.uint64_t(io.Offset), C.uint64_t(io.Len), C.int(n))

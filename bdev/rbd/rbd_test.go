@@ -97,6 +97,55 @@ func TestRBD(t *testing.T) {
 			t.Error("two images have one UUID")
 		}
 	})
+	t.Run("Resize", func(t *testing.T) {
+		d := open(t, 1<<20, 512, 8)
+		name := fmt.Sprintf("img%d", images)
+		ch := kiotest.Open(t, d)
+		buf := kiotest.Mem(t, 4096)
+		for i := range buf {
+			buf[i] = byte(i * 3)
+		}
+		beyond := &bdev.IO{Op: bdev.OpWrite, Offset: 1 << 20, Len: 4096, Iov: [][]byte{buf}}
+		if err := kiotest.Do(t, ch, beyond); !errors.Is(err, bdev.ErrRange) {
+			t.Fatalf("write beyond the end: %v, want ErrRange", err)
+		}
+		old := d.Info()
+		if err := d.Resize(2 << 20); err != nil {
+			t.Fatal(err)
+		}
+		if d.Info().NumBlocks != 2<<20/512 || old.NumBlocks != 1<<20/512 {
+			t.Fatalf("after resize: %d blocks (the old Info says %d)", d.Info().NumBlocks, old.NumBlocks)
+		}
+		if err := kiotest.Do(t, ch, &bdev.IO{Op: bdev.OpWrite, Offset: 1 << 20, Len: 4096, Iov: [][]byte{buf}}); err != nil {
+			t.Fatal(err)
+		}
+		if err := kiotest.Do(t, ch, &bdev.IO{Op: bdev.OpFlush}); err != nil {
+			t.Fatal(err)
+		}
+		img := c.Export(t, name)
+		if len(img) != 2<<20 || !bytes.Equal(img[1<<20:1<<20+4096], buf) {
+			t.Fatalf("export after the grow: %d bytes, or the new part lacks the write", len(img))
+		}
+		if err := d.Resize(1 << 20); !errors.Is(err, bdev.ErrInUse) || !strings.Contains(err.Error(), "allow-shrink") {
+			t.Errorf("shrink: %v", err)
+		}
+		if err := d.Resize(1000); err == nil {
+			t.Error("resize to a size that is not a multiple of the block size was accepted")
+		}
+		// Another client grows the image; a rescan serves it.
+		c.RBD(t, "resize", "--size", "3M", c.Pool+"/"+name)
+		if changed, err := d.Rescan(); err != nil || !changed || d.Info().NumBlocks != 3<<20/512 {
+			t.Fatalf("rescan after rbd resize: changed %v, %v, %d blocks", changed, err, d.Info().NumBlocks)
+		}
+		if changed, err := d.Rescan(); err != nil || changed {
+			t.Fatalf("second rescan: changed %v, %v", changed, err)
+		}
+		// Shrunk from outside while a channel is open: refused, the size stays.
+		c.RBD(t, "resize", "--allow-shrink", "--size", "2M", c.Pool+"/"+name)
+		if _, err := d.Rescan(); !errors.Is(err, bdev.ErrInUse) || d.Info().NumBlocks != 3<<20/512 {
+			t.Fatalf("rescan of a shrunk image with a channel open: %v, %d blocks", err, d.Info().NumBlocks)
+		}
+	})
 	t.Run("FlushedSeenByExport", func(t *testing.T) {
 		d := open(t, 4<<20, 512, 8)
 		name := fmt.Sprintf("img%d", images)
