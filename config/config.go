@@ -25,6 +25,10 @@ const (
 	TypeFile   = "file"   // regular file or block device, O_DIRECT, served by worker goroutines
 	TypeAIO    = "aio"    // regular file or block device, O_DIRECT, kernel async I/O (io_uring or libaio)
 	TypeError  = "error"  // wraps another bdev and injects I/O errors or delays (for tests)
+	// TypeRBD is a Ceph RBD image served through librbd. The configuration
+	// accepts it in every binary; only one built with the rbd build tag can
+	// open it (others refuse it at start-up, naming the bdev).
+	TypeRBD = "rbd"
 )
 
 // Operations an error bdev's inject entry can match (key bdev.inject.op).
@@ -100,7 +104,11 @@ const (
 	WorkersDefault    = 2  // file bdev worker goroutines
 	WorkersMax        = 64 // more workers than this only add contention
 	QueueDepthDefault = 128
-	QueueDepthMax     = 4096 // io_uring SQ entries / io_setup nr_events of one aio bdev channel
+	QueueDepthMax     = 4096 // io_uring SQ entries / io_setup nr_events of one aio bdev channel; librbd operations of one rbd bdev channel
+
+	// OpTimeoutDefault is an rbd bdev's op_timeout when the file gives
+	// none: an OSD operation not finished in that long fails the IO.
+	OpTimeoutDefault = 30 * time.Second
 
 	// InjectDelayMax bounds an error bdev's injected delay: longer than a
 	// minute only trips guest command timeouts (30 s on Linux), which a
@@ -165,7 +173,7 @@ type Reactors struct {
 // Bdev describes one block device.
 type Bdev struct {
 	Name string
-	Type string // TypeMalloc, TypeFile, TypeAIO or TypeError
+	Type string // TypeMalloc, TypeFile, TypeAIO, TypeError or TypeRBD
 	// Path is the backing file or block device (file and aio only).
 	Path string
 	// Engine is the aio engine (aio only): EngineAuto, EngineURing or EngineLibaio.
@@ -181,17 +189,39 @@ type Bdev struct {
 	// Create makes the backing file (file and aio only) if it does not exist,
 	// with Size bytes; an existing file is used as it is.
 	Create bool
-	// ReadOnly opens the backing file read-only and makes the LUN write-protected.
+	// ReadOnly opens the backing file (or rbd image) read-only and makes the
+	// LUN write-protected.
 	ReadOnly bool
 	// Workers is the number of I/O goroutines (file only).
 	Workers int
-	// QueueDepth is the most I/Os in flight per reactor channel (file and aio).
+	// QueueDepth is the most I/Os in flight per reactor channel (file, aio
+	// and rbd); more wait in a FIFO.
 	QueueDepth int
 	// Base is the bdev an error bdev wraps (error only); it must be defined
 	// earlier in the file. Size and block size are the base's.
 	Base string
 	// Inject lists an error bdev's faults, first match wins (error only).
 	Inject []Inject
+	// Pool and Image name an rbd bdev's image (rbd only; both required).
+	// Its size is the image's: an rbd bdev has no Size.
+	Pool  string
+	Image string
+	// Namespace is the RADOS namespace of the image (rbd only); "" is the
+	// pool's default namespace.
+	Namespace string
+	// Conf is the ceph.conf path, absolute (rbd only); "" lets librados
+	// search (/etc/ceph/ceph.conf, $CEPH_CONF).
+	Conf string
+	// User is the cephx client id without "client." (rbd only); "" is
+	// "admin".
+	User string
+	// Keyring is the keyring path, absolute (rbd only); "" takes what
+	// ceph.conf says.
+	Keyring string
+	// OpTimeout fails an rbd bdev's OSD operation that has not finished in
+	// that long, and the IO with it (rbd only); 0 waits for ever. A file
+	// without op_timeout gets OpTimeoutDefault.
+	OpTimeout time.Duration
 	// UUID identifies the device to guests (SCSI serial and VPD page 0x83 are
 	// derived from it). When the file gives none it is BdevUUID(Name), so it
 	// is stable across restarts.

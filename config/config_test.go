@@ -373,7 +373,7 @@ func TestParseErrors(t *testing.T) {
 		{"block size", head + strings.Replace(mallocBdev, `"1MiB"`, `"1MiB"`+"\nblock_size = 1024", 1) + ctrl0,
 			[]string{`bdev[0] "mem0": block_size: 1024 is not 512 or 4096`}, 0},
 		{"bdev type unknown", head + strings.Replace(mallocBdev, `"malloc"`, `"nvme"`, 1) + ctrl0,
-			[]string{`bdev[0] "mem0": type: "nvme" is not "malloc", "file", "aio" or "error"`}, 0},
+			[]string{`bdev[0] "mem0": type: "nvme" is not "malloc", "file", "aio", "error" or "rbd"`}, 0},
 		{"bdev type missing", head + "[[bdev]]\nname = \"mem0\"\nsize = 4096\n" + ctrl0,
 			[]string{`bdev[0] "mem0": type: required`}, 0},
 		{"bdev name missing", head + "[[bdev]]\ntype = \"malloc\"\nsize = 4096\n" + mallocBdev + ctrl0,

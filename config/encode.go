@@ -49,6 +49,13 @@ type outBdev struct {
 	Hugepages  string      `toml:"hugepages,omitempty"`
 	QueueDepth *int        `toml:"queue_depth,omitempty"`
 	Base       string      `toml:"base,omitempty"`
+	Pool       string      `toml:"pool,omitempty"`
+	Image      string      `toml:"image,omitempty"`
+	Namespace  string      `toml:"namespace,omitempty"`
+	Conf       string      `toml:"conf,omitempty"`
+	User       string      `toml:"user,omitempty"`
+	Keyring    string      `toml:"keyring,omitempty"`
+	OpTimeout  string      `toml:"op_timeout,omitempty"`
 	UUID       string      `toml:"uuid"`
 	Inject     []outInject `toml:"inject,omitempty"`
 }
@@ -106,8 +113,13 @@ func (c *Config) Encode(header string) ([]byte, error) {
 		if b.Type == TypeFile {
 			ob.Workers = &b.Workers
 		}
-		if b.Type == TypeFile || b.Type == TypeAIO {
+		if b.Type == TypeFile || b.Type == TypeAIO || b.Type == TypeRBD {
 			ob.QueueDepth = &b.QueueDepth
+		}
+		if b.Type == TypeRBD {
+			ob.Pool, ob.Image, ob.Namespace = b.Pool, b.Image, b.Namespace
+			ob.Conf, ob.User, ob.Keyring = b.Conf, b.User, b.Keyring
+			ob.OpTimeout = b.OpTimeout.String() // "0s" (wait for ever) included
 		}
 		for _, in := range b.Inject {
 			oi := outInject{Op: in.Op, LBAStart: in.LBAStart, LBACount: in.LBACount, Error: in.Error}

@@ -15,6 +15,7 @@ func FuzzParse(f *testing.F) {
 	f.Add([]byte(withCPU(fullExample)))
 	f.Add([]byte(withCPU(head + mallocBdev + ctrl0)))
 	f.Add([]byte(withCPU(head + mallocBdev + "[[controller]]\nname = \"b0\"\ntype = \"blk\"\nbdev = \"mem0\"\nread_only = true\n")))
+	f.Add([]byte(withCPU(head + rbdBdev + "namespace = \"ns\"\nconf = \"/c\"\nuser = \"u\"\nkeyring = \"/k\"\nop_timeout = \"0s\"\n")))
 	f.Add([]byte(""))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		c, err := Parse(data, "fuzz.toml")

@@ -58,6 +58,13 @@ type rawBdev struct {
 	UUID       string      `toml:"uuid"`
 	Base       string      `toml:"base"`
 	Inject     []rawInject `toml:"inject"`
+	Pool       string      `toml:"pool"`
+	Image      string      `toml:"image"`
+	Namespace  string      `toml:"namespace"`
+	Conf       string      `toml:"conf"`
+	User       string      `toml:"user"`
+	Keyring    string      `toml:"keyring"`
+	OpTimeout  *string     `toml:"op_timeout"`
 }
 
 type rawInject struct {
@@ -249,11 +256,20 @@ func bdevFromRaw(rb *rawBdev, errs *errorList) Bdev {
 		ReadOnly:  rb.ReadOnly,
 		BlockSize: BlockSizeDefault,
 		Base:      rb.Base,
+		Pool:      rb.Pool,
+		Image:     rb.Image,
+		Namespace: rb.Namespace,
+		Conf:      rb.Conf,
+		User:      rb.User,
+		Keyring:   rb.Keyring,
 	}
 	if rb.Type == TypeError {
 		b.BlockSize = 0 // the base's; a block_size key is reported by Validate
 	}
-	if rb.Size != nil {
+	if rb.Size != nil && rb.Type == TypeRBD {
+		// Even "size = 0": the image's size is what is served.
+		notFor(errs, "size", true, rb.Type)
+	} else if rb.Size != nil {
 		size, err := sizeValue(rb.Size)
 		if err != nil {
 			errs.addf("size", "%v", err)
@@ -263,7 +279,7 @@ func bdevFromRaw(rb *rawBdev, errs *errorList) Bdev {
 		b.Size = size
 	} else if rb.Type == TypeMalloc {
 		errs.addf("size", "required for type %q", rb.Type)
-	} else if rb.Create {
+	} else if rb.Create && (rb.Type == TypeFile || rb.Type == TypeAIO) {
 		// Without create, a file or aio bdev takes its backing file's size.
 		errs.addf("size", "required with create = true")
 	}
@@ -288,8 +304,21 @@ func bdevFromRaw(rb *rawBdev, errs *errorList) Bdev {
 	} else if rb.Type == TypeMalloc {
 		b.Hugepages = HugepagesAuto
 	}
-	if rb.Type == TypeFile || rb.Type == TypeAIO {
+	if rb.Type == TypeFile || rb.Type == TypeAIO || rb.Type == TypeRBD {
 		b.QueueDepth = QueueDepthDefault
+	}
+	if rb.Type == TypeRBD {
+		b.OpTimeout = OpTimeoutDefault
+	}
+	if rb.OpTimeout != nil {
+		if rb.Type != TypeRBD {
+			// Even "0s", which the typed Config cannot tell from absent.
+			notFor(errs, "op_timeout", true, rb.Type)
+		} else if d, err := time.ParseDuration(*rb.OpTimeout); err != nil {
+			errs.addf("op_timeout", "%q is not a duration such as \"30s\" (\"0s\" waits for ever)", *rb.OpTimeout)
+		} else {
+			b.OpTimeout = d
+		}
 	}
 	if rb.QueueDepth != nil {
 		b.QueueDepth = clampInt(*rb.QueueDepth)

@@ -137,10 +137,13 @@ func (b *Bdev) validate(e *errorList) {
 	fileBacked := b.Type == TypeFile || b.Type == TypeAIO
 	switch b.Type {
 	case "":
-		e.addf("type", "required: %q, %q, %q or %q", TypeMalloc, TypeFile, TypeAIO, TypeError)
-	case TypeMalloc, TypeFile, TypeAIO, TypeError:
+		e.addf("type", "required: %q, %q, %q, %q or %q", TypeMalloc, TypeFile, TypeAIO, TypeError, TypeRBD)
+	case TypeMalloc, TypeFile, TypeAIO, TypeError, TypeRBD:
 	default:
-		e.addf("type", "%q is not %q, %q, %q or %q", b.Type, TypeMalloc, TypeFile, TypeAIO, TypeError)
+		e.addf("type", "%q is not %q, %q, %q, %q or %q", b.Type, TypeMalloc, TypeFile, TypeAIO, TypeError, TypeRBD)
+	}
+	if b.Type == TypeRBD {
+		notFor(e, "size", b.Size != 0, b.Type) // the image's size is served
 	}
 	if b.Type == TypeError {
 		notFor(e, "size", b.Size != 0, b.Type)
@@ -174,6 +177,17 @@ func (b *Bdev) validate(e *errorList) {
 		notFor(e, "create", b.Create, b.Type)
 		notFor(e, "read_only", b.ReadOnly, b.Type)
 		notFor(e, "queue_depth", b.QueueDepth != 0, b.Type)
+	}
+	if b.Type == TypeRBD {
+		b.validateRBD(e)
+	} else {
+		notFor(e, "pool", b.Pool != "", b.Type)
+		notFor(e, "image", b.Image != "", b.Type)
+		notFor(e, "namespace", b.Namespace != "", b.Type)
+		notFor(e, "conf", b.Conf != "", b.Type)
+		notFor(e, "user", b.User != "", b.Type)
+		notFor(e, "keyring", b.Keyring != "", b.Type)
+		notFor(e, "op_timeout", b.OpTimeout != 0, b.Type)
 	}
 	if b.Type == TypeFile {
 		if b.Workers < 1 || b.Workers > WorkersMax {
@@ -214,6 +228,46 @@ func (b *Bdev) validate(e *errorList) {
 	}
 	if b.UUID == ([16]byte{}) {
 		e.addf("uuid", "must not be all zeros")
+	}
+}
+
+// validateRBD checks the keys of an rbd bdev. Whether the pool, image,
+// files and user exist is known only when the bdev is opened.
+func (b *Bdev) validateRBD(e *errorList) {
+	notFor(e, "path", b.Path != "", b.Type)
+	notFor(e, "create", b.Create, b.Type)
+	// Every string reaches librados or librbd as a C string.
+	for _, kv := range [][2]string{{"pool", b.Pool}, {"image", b.Image}, {"namespace", b.Namespace},
+		{"conf", b.Conf}, {"user", b.User}, {"keyring", b.Keyring}} {
+		if strings.IndexByte(kv[1], 0) >= 0 {
+			e.addf(kv[0], "contains a NUL byte")
+		}
+	}
+	if b.Pool == "" {
+		e.addf("pool", "required for type %q: the Ceph pool holding the image", b.Type)
+	}
+	if b.Image == "" {
+		e.addf("image", "required for type %q: the RBD image's name", b.Type)
+	} else if strings.ContainsAny(b.Image, "/@") {
+		e.addf("image", "%q contains '/' or '@': give the image's name alone (the pool and namespace are keys of their own; snapshots are not served)", b.Image)
+	}
+	if strings.Contains(b.Namespace, "/") {
+		e.addf("namespace", "%q contains '/'", b.Namespace)
+	}
+	if b.Conf != "" && !filepath.IsAbs(b.Conf) {
+		e.addf("conf", "%q is not an absolute path", b.Conf)
+	}
+	if b.Keyring != "" && !filepath.IsAbs(b.Keyring) {
+		e.addf("keyring", "%q is not an absolute path", b.Keyring)
+	}
+	if strings.HasPrefix(b.User, "client.") {
+		e.addf("user", "%q: give the client id without \"client.\" (%q)", b.User, strings.TrimPrefix(b.User, "client."))
+	}
+	if b.QueueDepth < 1 || b.QueueDepth > QueueDepthMax {
+		e.addf("queue_depth", "%d is out of range 1..%d", b.QueueDepth, QueueDepthMax)
+	}
+	if b.OpTimeout < 0 {
+		e.addf("op_timeout", "%v is negative; \"0s\" waits for ever", b.OpTimeout)
 	}
 }
 
