@@ -10,14 +10,12 @@ package rbd
 
 import (
 	"bytes"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -32,6 +30,9 @@ import (
 
 // TestRBD starts one cluster and runs every test that needs it as a subtest.
 func TestRBD(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a Ceph cluster (root, Debian's ceph packages): `make rbd` runs it")
+	}
 	c := cephtest.Start(t)
 	images := 0
 	// open makes a fresh image of size bytes and the bdev over it.
@@ -68,11 +69,7 @@ func TestRBD(t *testing.T) {
 					info.Type != "rbd" || info.BlockSize != k.bs || info.NumBlocks != 64<<20/uint64(k.bs) {
 					t.Fatalf("info = %+v", info)
 				}
-				ops := 800
-				if testing.Short() {
-					ops = 300
-				}
-				kiotest.RandomIO(t, d, kiotest.RandomOptions{Goroutines: 4, Ops: ops, Depth: 16, MaxLen: 320 << 10,
+				kiotest.RandomIO(t, d, kiotest.RandomOptions{Goroutines: 4, Ops: 800, Depth: 16, MaxLen: 320 << 10,
 					Seed: uint64(k.bs), Unaligned: 0.3})
 			})
 		}
@@ -373,8 +370,8 @@ func TestRBD(t *testing.T) {
 		}
 	})
 	t.Run("VersusFio", func(t *testing.T) {
-		if testing.Short() {
-			t.Skip("a 12 x 5 s performance comparison; skipped with -short")
+		if os.Getenv("VHOST_TARGET_RBD_PERF") == "" {
+			t.Skip("a 12 x 5 s performance comparison: VHOST_TARGET_RBD_PERF=1 runs it")
 		}
 		if _, err := exec.LookPath("fio"); err != nil {
 			t.Skip("no fio")
@@ -383,16 +380,14 @@ func TestRBD(t *testing.T) {
 		name := fmt.Sprintf("img%d", images)
 		const size = 256 << 20
 		c.CreateImage(t, name, size)
-		// Fill the image, so reads hit objects as they would on a used disk.
-		c.RBD(t, "bench", "--io-type", "write", "--io-size", "4M", "--io-total", "256M", "--io-pattern", "seq",
-			c.Pool+"/"+name)
+		c.Fill(t, name, size)
 		// A one-OSD cluster on this host drifts (BlueStore on a sparse file,
 		// sharing the CPUs): rounds alternate, and the ratio is of the sums.
 		for _, rw := range []string{"randread", "randwrite"} {
 			var sumOurs, sumFio float64
 			for round := 0; round < 3; round++ {
 				ours := benchIOPS(t, cfg(name), rw == "randwrite", 4096, 32, 5*time.Second)
-				fio := fioIOPS(t, c.Conf, c.Pool, name, rw, 5)
+				fio := c.FioIOPS(t, name, rw, 4096, 32, 5*time.Second)
 				sumOurs, sumFio = sumOurs+ours, sumFio+fio
 				t.Logf("%s 4 KiB QD32 round %d: rbd bdev %.0f IOPS, fio --ioengine=rbd %.0f IOPS", rw, round, ours, fio)
 			}
@@ -418,27 +413,6 @@ func TestRBD(t *testing.T) {
 		}
 		t.Logf("%v (after %v)", err, took.Round(time.Millisecond))
 	})
-}
-
-// fioIOPS runs fio's rbd engine on the image for secs seconds.
-func fioIOPS(t *testing.T, conf, pool, image, rw string, secs int) float64 {
-	cmd := exec.Command("fio", "--name=vt", "--ioengine=rbd", "--clientname=admin", "--pool="+pool,
-		"--rbdname="+image, "--rw="+rw, "--bs=4k", "--iodepth=32", "--runtime="+strconv.Itoa(secs), "--time_based",
-		"--direct=1", "--output-format=json")
-	cmd.Env = append(os.Environ(), "CEPH_CONF="+conf)
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("fio: %v\n%s", err, out)
-	}
-	var res struct {
-		Jobs []struct {
-			Read, Write struct{ IOPS float64 }
-		}
-	}
-	if err := json.Unmarshal(out[bytes.IndexByte(out, '{'):], &res); err != nil || len(res.Jobs) != 1 {
-		t.Fatalf("fio output: %v\n%s", err, out)
-	}
-	return res.Jobs[0].Read.IOPS + res.Jobs[0].Write.IOPS
 }
 
 // benchIOPS drives one channel from one goroutine (a reactor) at queue

@@ -8,6 +8,7 @@ package cephtest
 import (
 	"bytes"
 	_ "embed"
+	"encoding/json"
 	"fmt"
 	"net"
 	"os"
@@ -137,6 +138,40 @@ func (c *Cluster) Export(t testing.TB, name string) []byte {
 	}
 	os.Remove(f)
 	return b
+}
+
+// Fill writes image name's first size bytes (rbd bench, 4 MiB sequential
+// writes), so reads hit objects as they would on a used disk rather than
+// holes librbd answers without asking an OSD.
+func (c *Cluster) Fill(t testing.TB, name string, size uint64) {
+	t.Helper()
+	c.RBD(t, "bench", "--io-type", "write", "--io-size", "4M", "--io-total", strconv.FormatUint(size>>20, 10)+"M",
+		"--io-pattern", "seq", c.Pool+"/"+name)
+}
+
+// FioIOPS runs `fio --ioengine=rbd` (librbd in fio's process) on image name
+// for d with random bs-byte reads or writes (rw: randread, randwrite) at
+// queue depth qd, and returns its IOPS. The command is logged.
+func (c *Cluster) FioIOPS(t testing.TB, name, rw string, bs, qd int, d time.Duration) float64 {
+	t.Helper()
+	args := []string{"--name=vt", "--ioengine=rbd", "--clientname=" + c.User, "--pool=" + c.Pool,
+		"--rbdname=" + name, "--rw=" + rw, "--bs=" + strconv.Itoa(bs), "--iodepth=" + strconv.Itoa(qd),
+		"--runtime=" + strconv.Itoa(int(d.Seconds())), "--time_based", "--direct=1", "--output-format=json"}
+	cmd := exec.Command("fio", args...)
+	cmd.Env = append(os.Environ(), "CEPH_CONF="+c.Conf)
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("cephtest: CEPH_CONF=%s fio %s: %v\n%s", c.Conf, strings.Join(args, " "), err, out)
+	}
+	var res struct {
+		Jobs []struct {
+			Read, Write struct{ IOPS float64 }
+		}
+	}
+	if i := bytes.IndexByte(out, '{'); i < 0 || json.Unmarshal(out[i:], &res) != nil || len(res.Jobs) != 1 {
+		t.Fatalf("cephtest: fio output:\n%s", out)
+	}
+	return res.Jobs[0].Read.IOPS + res.Jobs[0].Write.IOPS
 }
 
 // StopOSD stops the OSD (SIGTERM, then waits for it to exit); StartOSD
