@@ -6,7 +6,13 @@ PKGS    := ./...
 # need root, QEMU and a guest image that `make guest` builds and caches).
 GOTEST_FLAGS ?= -count=1
 
-.PHONY: all build run check test unit race guest fuzz-short fuzz bench vet fmt clean deps
+.PHONY: all build run check test unit race guest fuzz-short fuzz bench vet fmt clean deps rbd rbd-deps
+
+# The rbd bdev (Ceph RBD through librbd, cgo) is built with the build tag rbd
+# when librbd's headers are installed (Debian: librbd-dev); without them, and
+# with a plain `go build`, the binary is pure Go and has no rbd bdev.
+RBD_HEADER := /usr/include/rbd/librbd.h
+TAGS ?= $(if $(wildcard $(RBD_HEADER)),rbd,)
 
 all: build
 
@@ -14,7 +20,7 @@ all: build
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo devel)
 
 build:
-	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/vhost-target
+	$(GO) build -tags "$(TAGS)" -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/vhost-target
 
 # Run the target on the built-in default config (a 256 MiB memory disk on
 # controller vhost.0); the log says where the socket and /metrics are.
@@ -26,11 +32,23 @@ deps:
 
 vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
-	$(GO) vet $(PKGS)
+	$(GO) vet -tags "$(TAGS)" $(PKGS)
 
 # Fast unit + integration tests with the race detector.
 unit: deps
-	$(GO) test $(GOTEST_FLAGS) -race -short $(PKGS)
+	$(GO) test $(GOTEST_FLAGS) -tags "$(TAGS)" -race -short $(PKGS)
+
+# librbd's headers for the rbd bdev (make test installs them).
+rbd-deps:
+	@dpkg -s librbd-dev >/dev/null 2>&1 || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends librbd-dev; }
+
+# The rbd bdev on a one-host Ceph cluster the tests start (root; they install
+# ceph-mon, ceph-osd and ceph-common when missing): the bdev's own tests and
+# the daemon's rbd config and RPC tests. The rbd guest tests are in `guest`.
+rbd: rbd-deps
+	$(GO) test $(GOTEST_FLAGS) -tags rbd -timeout 20m ./bdev/rbd/...
+	$(GO) test $(GOTEST_FLAGS) -tags rbd -timeout 20m -run 'RBD' -skip 'Guest' ./cmd/vhost-target/
 
 # Every fuzz target as Name:package. Their seed corpora also run in `unit`.
 FUZZ_TARGETS := FuzzExecute:./scsi FuzzPop:./vhost/virtq FuzzParse:./config FuzzProto:./vhost/proto \
@@ -68,9 +86,12 @@ fuzz:
 # Real-guest tests: build (or reuse) the guest image, boot QEMU guests against
 # the target. Needs root on Debian 12; installs QEMU and tools with apt-get.
 guest: build
-	$(GO) test $(GOTEST_FLAGS) -timeout 40m -v -run 'Guest' ./cmd/vhost-target/...
+	$(GO) test $(GOTEST_FLAGS) -tags "$(TAGS)" -timeout 50m -v -run 'Guest' ./cmd/vhost-target/...
 
-test: vet unit fuzz-short guest
+# Everything, the rbd bdev included (its headers are installed first, so the
+# build tag is on whatever the machine had).
+test: rbd-deps
+	$(MAKE) TAGS=rbd vet unit fuzz-short rbd guest
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./scsi ./vhost/... ./reactor
