@@ -19,6 +19,8 @@ import (
 	"os/signal"
 	"runtime"
 	"runtime/pprof"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -29,6 +31,7 @@ import (
 	"vhost-target/bdev/errbdev"
 	"vhost-target/bdev/file"
 	"vhost-target/bdev/malloc"
+	"vhost-target/bdev/rbd"
 	"vhost-target/config"
 	"vhost-target/reactor"
 	"vhost-target/vhost"
@@ -65,6 +68,11 @@ func run(args []string) int {
 			fmt.Fprintf(os.Stderr, "vhost-target: invalid configuration:\n%v\n", err)
 			return 1
 		}
+	}
+	if err := checkBuilt(cfg, srcName(*cfgPath)); err != nil {
+		// --check says so too: a file this binary cannot start is not valid here.
+		fmt.Fprintf(os.Stderr, "vhost-target: %v\n", err)
+		return 1
 	}
 	if *check {
 		fmt.Printf("%s: configuration is valid (%d bdevs, %d controllers)\n", srcName(*cfgPath), len(cfg.Bdevs), len(cfg.Controllers))
@@ -216,7 +224,8 @@ func start(cfg *config.Config, log *slog.Logger) (t *target, err error) {
 	if err := t.startRPC(cfg); err != nil {
 		return t, err
 	}
-	log.Info("vhost-target ready", "reactors", fmt.Sprint(cfg.Reactors.CPUs), "poll", cfg.Reactors.Poll)
+	log.Info("vhost-target ready", "reactors", fmt.Sprint(cfg.Reactors.CPUs), "poll", cfg.Reactors.Poll,
+		"bdev_types", strings.Join(bdevTypes(), ","))
 	return t, nil
 }
 
@@ -275,8 +284,53 @@ func openBdev(b *config.Bdev, opened map[string]bdev.Bdev, log *slog.Logger) (bd
 		return d, err
 	case config.TypeError:
 		return openErrorBdev(b, opened[b.Base])
+	case config.TypeRBD:
+		// In a binary built without the rbd tag this fails with
+		// rbd.ErrNotBuilt, naming the bdev.
+		c := rbd.Config{Name: b.Name, Pool: b.Pool, Image: b.Image, Namespace: b.Namespace, Conf: b.Conf,
+			User: b.User, Keyring: b.Keyring, BlockSize: b.BlockSize, QueueDepth: b.QueueDepth, ReadOnly: b.ReadOnly,
+			UUID: b.UUID, OpTimeout: b.OpTimeout, Logger: log}
+		if b.OpTimeout == 0 {
+			c.OpTimeout = -1 // op_timeout = "0s": wait for ever (rbd's 0 is its default)
+		}
+		d, err := rbd.Open(c)
+		if err != nil {
+			return nil, err
+		}
+		info := d.Info()
+		log.Info("rbd bdev opened", "bdev", b.Name, "pool", b.Pool, "namespace", b.Namespace, "image", b.Image,
+			"size", info.NumBlocks*uint64(info.BlockSize), "read_only", b.ReadOnly)
+		return d, nil
 	}
 	return nil, fmt.Errorf("bdev %q: type %q is not available in this build", b.Name, b.Type)
+}
+
+// bdevTypes lists the bdev types this binary can open: rbd only when it
+// was built with the rbd tag (and so links librbd).
+func bdevTypes() []string {
+	types := []string{config.TypeMalloc, config.TypeFile, config.TypeAIO, config.TypeError}
+	if rbd.Available() {
+		types = append(types, config.TypeRBD)
+	}
+	return types
+}
+
+// checkBuilt refuses a configuration with bdevs of a type this binary
+// cannot open (rbd without the rbd build tag), naming each one; the config
+// package accepts every type in every build.
+func checkBuilt(cfg *config.Config, source string) error {
+	var errs []error
+	for i := range cfg.Bdevs {
+		b := &cfg.Bdevs[i]
+		if !slices.Contains(bdevTypes(), b.Type) {
+			err := fmt.Errorf("type %q is not available in this build", b.Type)
+			if b.Type == config.TypeRBD {
+				err = rbd.ErrNotBuilt
+			}
+			errs = append(errs, fmt.Errorf("%s: bdev[%d] %q: %w", source, i, b.Name, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 func openErrorBdev(b *config.Bdev, base bdev.Bdev) (bdev.Bdev, error) {

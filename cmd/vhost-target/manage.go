@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"vhost-target/bdev"
+	"vhost-target/bdev/rbd"
 	"vhost-target/config"
 	"vhost-target/vhost"
 )
@@ -51,6 +52,9 @@ func errf(code int, format string, a ...any) error {
 
 // errnoCode maps an error from opening or changing a bdev to an errno code.
 func errnoCode(err error) int {
+	if errors.Is(err, rbd.ErrNotBuilt) {
+		return codeENOTSUP
+	}
 	var en unix.Errno
 	if errors.As(err, &en) {
 		return -int(en)
@@ -114,7 +118,11 @@ func (t *target) addBdevLocked(b config.Bdev, source string) error {
 	}
 	d, err := openBdev(&next.Bdevs[len(next.Bdevs)-1], t.bdevs, t.log)
 	if err != nil {
-		return errf(errnoCode(err), "bdev %q: %v", b.Name, err)
+		msg, prefix := err.Error(), fmt.Sprintf("bdev %q: ", b.Name)
+		if !strings.HasPrefix(msg, prefix) { // most bdev packages name the bdev themselves
+			msg = prefix + msg
+		}
+		return errf(errnoCode(err), "%s", msg)
 	}
 	t.bdevs[b.Name] = d
 	t.cfg = next
@@ -180,7 +188,8 @@ func (t *target) resizeBdevLocked(name string, size uint64, source string) error
 	// A size given in the configuration follows the resize; "the backing
 	// file's size" (0) stays so after a grow (the file grew), but a shrink
 	// leaves the file as it was, so the served size must be recorded.
-	if nb.Size != 0 || b.Type == config.TypeMalloc || size < old {
+	// An rbd bdev has no size key: it serves its image, whatever the size.
+	if b.Type != config.TypeRBD && (nb.Size != 0 || b.Type == config.TypeMalloc || size < old) {
 		nb.Size = size
 	}
 	if err := validate(next, source); err != nil {

@@ -87,7 +87,8 @@ func TestRPCMethods(t *testing.T) {
 		"bdev_aio_rescan", "bdev_get_bdevs", "vhost_create_scsi_controller", "vhost_scsi_controller_add_target",
 		"vhost_scsi_controller_remove_target", "vhost_delete_controller", "vhost_get_controllers", "save_config",
 		"spdk_get_version", "bdev_file_create", "bdev_resize", "vhost_scsi_controller_add_lun",
-		"vhost_scsi_controller_remove_lun", "framework_reload", "vhost_create_blk_controller"} {
+		"vhost_scsi_controller_remove_lun", "framework_reload", "vhost_create_blk_controller",
+		"bdev_rbd_create", "bdev_rbd_delete", "bdev_rbd_resize"} {
 		if !slices.Contains(methods, want) {
 			t.Errorf("rpc_get_methods lacks %s", want)
 		}

@@ -19,6 +19,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"vhost-target/config"
 	"vhost-target/rpc"
@@ -110,6 +111,28 @@ type bdevFileCreate struct {
 	Size    json.RawMessage `json:"size"` // bytes, or a string such as "10GiB"
 	Create  bool            `json:"create"`
 	Workers *int            `json:"workers"`
+}
+
+// bdevRBDCreate are bdev_rbd_create's parameters: SPDK's (name, pool_name,
+// rbd_name, block_size, user_id, config, cluster_name, uuid) and ours, as
+// in the file. SPDK's config (ceph settings as key/value pairs) and
+// cluster_name (a cluster registered with bdev_rbd_register_cluster) are
+// refused when given: the settings come from the ceph.conf named by conf.
+type bdevRBDCreate struct {
+	Name        string         `json:"name"`
+	PoolName    string         `json:"pool_name"`
+	RBDName     string         `json:"rbd_name"`
+	BlockSize   *uint32        `json:"block_size"`
+	UserID      string         `json:"user_id"`
+	UUID        string         `json:"uuid"`
+	Config      map[string]any `json:"config"`
+	ClusterName string         `json:"cluster_name"`
+	Namespace   string         `json:"namespace"`   // ours
+	Conf        string         `json:"conf"`        // ours: ceph.conf path
+	Keyring     string         `json:"keyring"`     // ours
+	QueueDepth  *int           `json:"queue_depth"` // ours
+	Readonly    bool           `json:"readonly"`    // ours
+	OpTimeout   string         `json:"op_timeout"`  // ours: a duration, "0s" waits for ever
 }
 
 type bdevName struct {
@@ -213,6 +236,11 @@ func (t *target) methods() map[string]rpc.Handler {
 		"bdev_file_rescan": handler(func(_ context.Context, p *bdevName) (any, error) {
 			return true, t.rescanBdev(p.Name, config.TypeFile)
 		}),
+		"bdev_rbd_create": handler(t.rpcRBDCreate),
+		"bdev_rbd_delete": handler(func(_ context.Context, p *bdevName) (any, error) {
+			return true, t.deleteBdev(p.Name, config.TypeRBD)
+		}),
+		"bdev_rbd_resize":                     handler(t.rpcRBDResize),
 		"bdev_resize":                         handler(t.rpcResize),
 		"bdev_get_bdevs":                      handler(t.rpcGetBdevs),
 		"vhost_create_scsi_controller":        handler(t.rpcCreateController),
@@ -386,17 +414,85 @@ func (t *target) rpcFileCreate(_ context.Context, p *bdevFileCreate) (any, error
 	return p.Name, nil
 }
 
-func (t *target) rpcResize(_ context.Context, p *bdevResize) (any, error) {
+// rpcRBDCreate opens an rbd bdev (SPDK names an unnamed one Ceph0, Ceph1,
+// ...). In a binary built without the rbd tag it fails with ENOTSUP after
+// the parameters are checked.
+func (t *target) rpcRBDCreate(_ context.Context, p *bdevRBDCreate) (any, error) {
+	switch {
+	case len(p.Config) > 0:
+		return nil, invalid("config: ceph settings as key/value pairs are not supported; name a ceph.conf with conf (and keyring, user_id)")
+	case p.ClusterName != "":
+		return nil, invalid("cluster_name: registered clusters (bdev_rbd_register_cluster) are not supported; name a ceph.conf with conf")
+	case p.PoolName == "":
+		return nil, invalid("pool_name: required")
+	case p.RBDName == "":
+		return nil, invalid("rbd_name: required")
+	}
 	if p.Name == "" {
-		return nil, invalid("name: required")
+		p.Name = t.nextName("Ceph")
+	}
+	u, err := bdevUUID(p.Name, p.UUID)
+	if err != nil {
+		return nil, err
+	}
+	b := config.Bdev{Name: p.Name, Type: config.TypeRBD, Pool: p.PoolName, Image: p.RBDName, Namespace: p.Namespace,
+		Conf: p.Conf, User: p.UserID, Keyring: p.Keyring, BlockSize: config.BlockSizeDefault, ReadOnly: p.Readonly,
+		QueueDepth: config.QueueDepthDefault, OpTimeout: config.OpTimeoutDefault, UUID: u}
+	if p.BlockSize != nil && *p.BlockSize != 0 { // 0: the default, as bdev_aio_create
+		b.BlockSize = *p.BlockSize
+	}
+	if p.QueueDepth != nil {
+		b.QueueDepth = *p.QueueDepth
+	}
+	if p.OpTimeout != "" {
+		d, err := time.ParseDuration(p.OpTimeout)
+		if err != nil {
+			return nil, invalid("op_timeout: %q is not a duration such as \"30s\" (\"0s\" waits for ever)", p.OpTimeout)
+		}
+		b.OpTimeout = d
+	}
+	if err := t.addBdev(b, "rpc"); err != nil {
+		return nil, err
+	}
+	return p.Name, nil
+}
+
+// newSize checks bdev_resize's and bdev_rbd_resize's parameters and returns
+// the size in bytes.
+func (p *bdevResize) newSize() (uint64, error) {
+	if p.Name == "" {
+		return 0, invalid("name: required")
 	}
 	if p.NewSize == nil {
-		return nil, invalid("new_size: required (MiB)")
+		return 0, invalid("new_size: required (MiB)")
 	}
 	if *p.NewSize == 0 || *p.NewSize > math.MaxInt64>>20 {
-		return nil, invalid("new_size: %d MiB is out of range", *p.NewSize)
+		return 0, invalid("new_size: %d MiB is out of range", *p.NewSize)
 	}
-	return true, t.resizeBdev(p.Name, *p.NewSize<<20)
+	return *p.NewSize << 20, nil
+}
+
+func (t *target) rpcResize(_ context.Context, p *bdevResize) (any, error) {
+	size, err := p.newSize()
+	if err != nil {
+		return nil, err
+	}
+	return true, t.resizeBdev(p.Name, size)
+}
+
+// rpcRBDResize is bdev_resize for rbd bdevs only (SPDK's bdev_rbd_resize):
+// the image is resized and the guests told, as for any bdev.
+func (t *target) rpcRBDResize(_ context.Context, p *bdevResize) (any, error) {
+	size, err := p.newSize()
+	if err != nil {
+		return nil, err
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if b := t.cfg.Bdev(p.Name); b == nil || b.Type != config.TypeRBD {
+		return nil, errf(codeENODEV, "rbd bdev %q does not exist", p.Name)
+	}
+	return true, t.resizeBdevLocked(p.Name, size, "rpc")
 }
 
 // bdevJSON is one bdev as SPDK's bdev_get_bdevs shows it.
@@ -415,6 +511,7 @@ type bdevJSON struct {
 
 var productNames = map[string]string{
 	config.TypeMalloc: "Malloc disk", config.TypeAIO: "AIO disk", config.TypeFile: "File disk", config.TypeError: "Error disk",
+	config.TypeRBD: "Ceph Rbd Disk",
 }
 
 func (t *target) rpcGetBdevs(_ context.Context, p *getBdevs) (any, error) {
@@ -437,6 +534,15 @@ func (t *target) rpcGetBdevs(_ context.Context, p *getBdevs) (any, error) {
 			spec["filename"], spec["readonly"], spec["workers"], spec["queue_depth"] = b.Path, b.ReadOnly, b.Workers, b.QueueDepth
 		case config.TypeError:
 			spec["base_bdev"] = b.Base
+		case config.TypeRBD:
+			// SPDK's keys, and ours where the file has more.
+			spec["pool_name"], spec["rbd_name"] = b.Pool, b.Image
+			for k, v := range map[string]string{"namespace": b.Namespace, "config_file": b.Conf, "user_id": b.User, "keyring": b.Keyring} {
+				if v != "" {
+					spec[k] = v
+				}
+			}
+			spec["readonly"], spec["queue_depth"], spec["op_timeout"] = b.ReadOnly, b.QueueDepth, b.OpTimeout.String()
 		}
 		out = append(out, bdevJSON{
 			Name: b.Name, Aliases: []string{}, ProductName: productNames[b.Type],
