@@ -13,7 +13,7 @@ import (
 func TestRPCRBDParams(t *testing.T) {
 	_, c := rpcTarget(t, rpcBase)
 	methods := call[[]string](t, c, "rpc_get_methods", nil)
-	for _, want := range []string{"bdev_rbd_create", "bdev_rbd_delete", "bdev_rbd_resize"} {
+	for _, want := range []string{"bdev_rbd_create", "bdev_rbd_delete", "bdev_rbd_resize", "bdev_rbd_rescan"} {
 		if !slices.Contains(methods, want) {
 			t.Errorf("rpc_get_methods lacks %s", want)
 		}

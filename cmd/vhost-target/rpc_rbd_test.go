@@ -156,6 +156,14 @@ func TestRPCRBD(t *testing.T) {
 		t.Errorf("save_config after an rbd resize does not parse: %v\n%s", err, saved)
 	}
 	callErr(t, c, "bdev_rbd_resize", m{"name": "nosuch", "new_size": 8}, -19, `rbd bdev "nosuch" does not exist`)
+	callErr(t, c, "bdev_rbd_resize", m{"name": "ceph0", "new_size": 64}, -16, `bdev "ceph0": resize: `)
+	// Grown behind the target's back: bdev_rbd_rescan (ours) serves it.
+	cl.RBD(t, "resize", "--size", "160M", cl.Pool+"/vm1")
+	call[bool](t, c, "bdev_rbd_rescan", m{"name": "ceph0"})
+	if b := call[[]bdevJSON](t, c, "bdev_get_bdevs", m{"name": "ceph0"}); b[0].NumBlocks != 160<<20/4096 {
+		t.Errorf("after rbd resize and bdev_rbd_rescan: num_blocks %d, want %d", b[0].NumBlocks, 160<<20/4096)
+	}
+	callErr(t, c, "bdev_rbd_rescan", m{"name": "m0"}, -19, `bdev "m0" does not exist`)
 	// bdev_resize (any type) takes the same path.
 	call[bool](t, c, "bdev_resize", m{"name": "ceph0", "new_size": 192})
 	if info := cl.RBD(t, "info", cl.Pool+"/vm1"); !strings.Contains(info, "size 192 MiB") {

@@ -240,7 +240,10 @@ func (t *target) methods() map[string]rpc.Handler {
 		"bdev_rbd_delete": handler(func(_ context.Context, p *bdevName) (any, error) {
 			return true, t.deleteBdev(p.Name, config.TypeRBD)
 		}),
-		"bdev_rbd_resize":                     handler(t.rpcRBDResize),
+		"bdev_rbd_resize": handler(t.rpcRBDResize),
+		"bdev_rbd_rescan": handler(func(_ context.Context, p *bdevName) (any, error) {
+			return true, t.rescanBdev(p.Name, config.TypeRBD) // ours: the image resized by rbd resize
+		}),
 		"bdev_resize":                         handler(t.rpcResize),
 		"bdev_get_bdevs":                      handler(t.rpcGetBdevs),
 		"vhost_create_scsi_controller":        handler(t.rpcCreateController),
