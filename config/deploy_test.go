@@ -31,7 +31,7 @@ func TestDeployExample(t *testing.T) {
 }
 
 // TestDeployExampleCommented uncomments the optional blocks of the example
-// (the file bdev and its LUN, the blk controller and its bdev) and checks the result still parses, so the
+// (the file bdev and its LUN, the rbd bdev and its LUN, the blk controller and its bdev) and checks the result still parses, so the
 // commented-out lines are a working recipe too. socket_owner/socket_group
 // lines are left alone: their users need not exist on a test machine.
 func TestDeployExampleCommented(t *testing.T) {
@@ -59,8 +59,13 @@ func TestDeployExampleCommented(t *testing.T) {
 	if uncommented == 0 || b == nil || b.Type != TypeFile || !b.Create || b.Size != 20<<30 {
 		t.Fatalf("uncommented %d lines; disk0 = %+v", uncommented, b)
 	}
-	if l := c.Controllers[1].LUNs; len(l) != 2 || l[1] != (LUN{Target: 1, Bdev: "disk0"}) {
+	if l := c.Controllers[1].LUNs; len(l) != 3 || l[1] != (LUN{Target: 1, Bdev: "disk0"}) || l[2] != (LUN{Target: 2, Bdev: "ceph0"}) {
 		t.Errorf("vhost.1 LUNs = %+v", l)
+	}
+	if b := c.Bdev("ceph0"); b == nil || b.Type != TypeRBD || b.Pool != "rbd" || b.Image != "vm1" || b.User != "vhost" ||
+		b.Conf != "/etc/ceph/ceph.conf" || b.Keyring != "/etc/ceph/ceph.client.vhost.keyring" || b.OpTimeout != OpTimeoutDefault ||
+		b.QueueDepth != QueueDepthDefault || b.BlockSize != 512 {
+		t.Errorf("ceph0 = %+v", b)
 	}
 	if b := c.Controller("blk.0"); b == nil || b.Type != ControllerBlk || b.Bdev != "disk1" || b.ReadOnly ||
 		c.Bdev("disk1") == nil || len(c.Controllers) != 3 {
