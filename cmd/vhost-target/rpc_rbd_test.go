@@ -14,6 +14,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -266,5 +267,46 @@ bdev = "ceph1"
 	}
 	if img := cl.Export(t, "disk1"); !bytes.Equal(img[64*512:64*512+len(data)], data) {
 		t.Errorf("rbd export of disk1: written data not found")
+	}
+
+	// Reload: a resize is not recorded, so the same file changes nothing;
+	// another image is another bdev (replaced when unused, refused when
+	// it backs a LUN).
+	if err := tg.resizeBdev("ceph0", 48<<20); err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(t.TempDir(), "t.toml")
+	cur := tg.runningConfig()
+	cl.CreateImage(t, "disk2", 8<<20)
+	cl.CreateImage(t, "disk3", 8<<20)
+	extra := cur.Bdevs[0]
+	extra.Name, extra.Image, extra.UUID = "ceph2", "disk2", config.BdevUUID("ceph2")
+	cur.Bdevs = append(cur.Bdevs, extra)
+	write := func(c *config.Config) {
+		text, err := c.Encode("")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(file, text, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(cur)
+	tg.cfgPath = file
+	if changes, err := tg.reload("test"); err != nil || fmt.Sprint(changes) != `[bdev "ceph2" added]` {
+		t.Fatalf("reload adding ceph2: %v, %v", changes, err)
+	}
+	if changes, err := tg.reload("test"); err != nil || len(changes) != 0 {
+		t.Errorf("reload of the running file after a resize: %v, %v", changes, err)
+	}
+	cur.Bdevs[2].Image = "disk3"
+	write(cur)
+	if changes, err := tg.reload("test"); err != nil || fmt.Sprint(changes) != `[bdev "ceph2" changed]` {
+		t.Errorf("reload with ceph2 on another image: %v, %v", changes, err)
+	}
+	cur.Bdevs[0].Image = "disk3"
+	write(cur)
+	if _, err := tg.reload("test"); err == nil || !strings.Contains(err.Error(), `bdev "ceph0": settings changed while it is used by controller "s0" target 0 lun 0`) {
+		t.Errorf("reload with ceph0 (a LUN) on another image: %v", err)
 	}
 }
