@@ -389,7 +389,7 @@ func (d *Disk) connect(c Config) error {
 	if r < 0 {
 		d.image = nil
 		if r == -C.ENOENT {
-			return fmt.Errorf("open image %q: no such image in pool %q", imagePath(c), c.Pool)
+			return fmt.Errorf("open image %q: no such image in pool %q: %w", imagePath(c), c.Pool, unix.ENOENT)
 		}
 		return errno("open image "+imagePath(c), r)
 	}

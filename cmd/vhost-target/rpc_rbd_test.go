@@ -9,10 +9,7 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"crypto/rand"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -22,7 +19,6 @@ import (
 
 	"vhost-target/bdev/rbd/cephtest"
 	"vhost-target/config"
-	"vhost-target/rpc"
 	"vhost-target/vhost/frontend"
 )
 
@@ -76,13 +72,9 @@ func TestRPCRBD(t *testing.T) {
 	}
 	call[bool](t, c, "bdev_rbd_delete", m{"name": "Ceph0"})
 
-	// A missing image: the error names the bdev and the image.
-	// (The code is EIO: bdev/rbd's "no such image" error wraps no errno.)
-	var res json.RawMessage
-	err := c.Call(context.Background(), "bdev_rbd_create", rbdParams(cl, "ceph9", "nosuch"), &res)
-	var re *rpc.Error
-	if !errors.As(err, &re) || !strings.Contains(re.Message, "nosuch") || strings.Count(re.Message, `bdev "ceph9"`) != 1 {
-		t.Errorf("missing image: %v", err)
+	// A missing image: ENOENT, and the error names the bdev and the image.
+	if msg := callErr(t, c, "bdev_rbd_create", rbdParams(cl, "ceph9", "nosuch"), -2, `bdev "ceph9"`); !strings.Contains(msg, "nosuch") || strings.Count(msg, `bdev "ceph9"`) != 1 {
+		t.Errorf("missing image: %s", msg)
 	}
 	p = rbdParams(cl, "ceph9", "vm1")
 	p["pool_name"] = "nopool"
