@@ -355,6 +355,16 @@ func (d *Disk) connect(c Config) error {
 	if err := d.set("rbd_non_blocking_aio", "true"); err != nil {
 		return err
 	}
+	// No librbd write cache: a write completes when the OSDs have it, and
+	// a failed write fails itself. With the cache (write-around in Ceph
+	// 16) a write is acknowledged before it is sent; if it then fails, the
+	// error is reported once, to the next flush, and the flush after that
+	// succeeds. Linux retries a SYNCHRONIZE CACHE that failed with a
+	// medium error, so its fsync succeeded over lost writes (seen in
+	// TestGuestRBD/OSDDown: an OSD stopped under dd conv=fsync).
+	if err := d.set("rbd_cache", "false"); err != nil {
+		return err
+	}
 	// Discards zero what they cover, partial objects included, so unmapped
 	// blocks read back as zeroes (LBPRZ). Checked below: image metadata or
 	// an older librbd may say otherwise.
@@ -420,13 +430,10 @@ func (d *Disk) connect(c Config) error {
 	return nil
 }
 
-// cacheOn says whether librbd caches writes for this image: rbd_cache
-// (true by default since Ceph 0.87), which image metadata may override.
-// With the cache on, a write may be acknowledged before it is on the OSDs
-// (after the first flush: rbd_cache_writethrough_until_flush), so the LUN
-// reports a volatile write cache and SYNCHRONIZE CACHE maps to
-// rbd_aio_flush; with it off, librbd acknowledges a write only when every
-// replica has it.
+// cacheOn says whether librbd caches writes for this image. The bdev turns
+// rbd_cache off (see connect); image metadata (conf_rbd_cache) may turn it
+// on again, and then the LUN reports a volatile write cache and SYNCHRONIZE
+// CACHE maps to rbd_aio_flush.
 func (d *Disk) cacheOn() bool {
 	v, ok := d.get("rbd_cache")
 	on := !ok || v == "true"

@@ -65,7 +65,7 @@ func TestRBD(t *testing.T) {
 			t.Run(k.name, func(t *testing.T) {
 				d := open(t, 64<<20, k.bs, k.qd)
 				info := d.Info()
-				if !info.WriteCache || !info.Unmap || !info.UnmapZeroes || !info.WriteZeroes || info.ReadOnly ||
+				if info.WriteCache || !info.Unmap || !info.UnmapZeroes || !info.WriteZeroes || info.ReadOnly ||
 					info.Type != "rbd" || info.BlockSize != k.bs || info.NumBlocks != 64<<20/uint64(k.bs) {
 					t.Fatalf("info = %+v", info)
 				}
