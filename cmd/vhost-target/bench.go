@@ -36,6 +36,9 @@ type benchOpts struct {
 	queueSize  int
 	noEventIdx bool
 	blk        bool // the socket is a vhost-user-blk controller: virtio-blk IN/OUT requests
+	// interrupts: wait on the call eventfd when a poll finds nothing, as a
+	// guest's driver does, instead of busy-polling the used ring.
+	interrupts bool
 	// precondition writes the range a workload reads before timing it
 	// (randread, randrw). The flag defaults to true; the zero value is off.
 	precondition bool
@@ -59,6 +62,9 @@ func benchMain(args []string) int {
 	fs.IntVar(&o.mix, "mix", 70, "read percentage for randrw")
 	fs.IntVar(&o.queueSize, "queue-size", 256, "virtqueue size")
 	fs.BoolVar(&o.noEventIdx, "no-event-idx", false, "do not negotiate EVENT_IDX")
+	fs.BoolVar(&o.interrupts, "interrupts", false,
+		"wait for the target's completion interrupt (call eventfd) when nothing completed, as a guest does, instead of "+
+			"busy-polling: for a slow bdev on a host whose CPUs the load generator must not take (a Ceph OSD beside it)")
 	fs.BoolVar(&o.precondition, "precondition", true,
 		"before randread or randrw, write the range the workload reads (sequential 1 MiB writes), so reads return written data")
 	if err := fs.Parse(args); err != nil {
@@ -426,7 +432,7 @@ func (w *benchWorker) run(stop *atomic.Bool) error {
 	q := w.q
 	// A polling initiator wants no interrupts (as SPDK's virtio-user does):
 	// the target then skips the call eventfd write.
-	q.SetInterrupts(false)
+	q.SetInterrupts(w.o.interrupts)
 	inflight := 0
 	done := w.done // one method value, not one per Reap
 	var idle uint64
@@ -451,6 +457,13 @@ func (w *benchWorker) run(stop *atomic.Bool) error {
 		}
 		w.now = 0 // read lazily, when the first completion of this batch is seen
 		n := q.Reap(done)
+		if n == 0 && w.o.interrupts {
+			// Sleep until the target signals, then look again (a
+			// completion between the Reap and the wait has signalled too).
+			q.WaitCallFD(10 * time.Millisecond)
+			q.DrainCall()
+			n = q.Reap(done)
+		}
 		inflight -= n
 		if n > 0 {
 			idle = 0

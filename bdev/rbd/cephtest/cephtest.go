@@ -37,6 +37,8 @@ type Cluster struct {
 	MonAddr string // 127.0.0.1:port
 	// Started is how long the cluster took to come up, pool included.
 	Started time.Duration
+	// FioCPUs, when set, runs FioIOPS's fio under `taskset -c FioCPUs`.
+	FioCPUs string
 	osdID   string
 }
 
@@ -151,17 +153,21 @@ func (c *Cluster) Fill(t testing.TB, name string, size uint64) {
 
 // FioIOPS runs `fio --ioengine=rbd` (librbd in fio's process) on image name
 // for d with random bs-byte reads or writes (rw: randread, randwrite) at
-// queue depth qd, and returns its IOPS. The command is logged.
-func (c *Cluster) FioIOPS(t testing.TB, name, rw string, bs, qd int, d time.Duration) float64 {
+// queue depth qd, and returns its IOPS. env is added to fio's environment
+// (CEPH_ARGS=--rbd_cache=false runs librbd without its cache).
+func (c *Cluster) FioIOPS(t testing.TB, name, rw string, bs, qd int, d time.Duration, env ...string) float64 {
 	t.Helper()
 	args := []string{"--name=vt", "--ioengine=rbd", "--clientname=" + c.User, "--pool=" + c.Pool,
 		"--rbdname=" + name, "--rw=" + rw, "--bs=" + strconv.Itoa(bs), "--iodepth=" + strconv.Itoa(qd),
 		"--runtime=" + strconv.Itoa(int(d.Seconds())), "--time_based", "--direct=1", "--output-format=json"}
 	cmd := exec.Command("fio", args...)
-	cmd.Env = append(os.Environ(), "CEPH_CONF="+c.Conf)
+	if c.FioCPUs != "" {
+		cmd = exec.Command("taskset", append([]string{"-c", c.FioCPUs, "fio"}, args...)...)
+	}
+	cmd.Env = append(append(os.Environ(), "CEPH_CONF="+c.Conf), env...)
 	out, err := cmd.Output()
 	if err != nil {
-		t.Fatalf("cephtest: CEPH_CONF=%s fio %s: %v\n%s", c.Conf, strings.Join(args, " "), err, out)
+		t.Fatalf("cephtest: %s CEPH_CONF=%s fio %s: %v\n%s", strings.Join(env, " "), c.Conf, strings.Join(args, " "), err, out)
 	}
 	var res struct {
 		Jobs []struct {
@@ -172,6 +178,22 @@ func (c *Cluster) FioIOPS(t testing.TB, name, rw string, bs, qd int, d time.Dura
 		t.Fatalf("cephtest: fio output:\n%s", out)
 	}
 	return res.Jobs[0].Read.IOPS + res.Jobs[0].Write.IOPS
+}
+
+// PinDaemons binds every thread of the monitor and the OSD to cpus (a
+// taskset list such as "1"), so a measurement can give the cluster and the
+// client separate CPUs, as a remote cluster has its own.
+func (c *Cluster) PinDaemons(t testing.TB, cpus string) {
+	t.Helper()
+	for _, p := range []string{"osd." + c.osdID + ".pid", "mon.a.pid"} {
+		b, err := os.ReadFile(filepath.Join(c.Dir, p))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if out, err := exec.Command("taskset", "-a", "-p", "-c", cpus, strings.TrimSpace(string(b))).CombinedOutput(); err != nil {
+			t.Fatalf("cephtest: taskset %s: %v\n%s", p, err, out)
+		}
+	}
 }
 
 // StopOSD stops the OSD (SIGTERM, then waits for it to exit); StartOSD
