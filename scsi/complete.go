@@ -13,7 +13,13 @@ import (
 // Error mapping (SPC-4 table D.1, as SPDK and LIO report them):
 //
 //	nil             GOOD
-//	bdev.ErrIO      MEDIUM ERROR: UNRECOVERED READ ERROR on reads, WRITE ERROR otherwise
+//	bdev.ErrIO      MEDIUM ERROR: UNRECOVERED READ ERROR on reads, WRITE ERROR on
+//	                writes; HARDWARE ERROR / INTERNAL TARGET FAILURE on a flush
+//	                (SYNCHRONIZE CACHE), because Linux retries a MEDIUM ERROR
+//	                that is not a read error, and a retried flush can succeed
+//	                after the writes the first one failed to make durable were
+//	                lost (a write cache that dropped them, fsync's error
+//	                reported once): the guest's fsync would then succeed
 //	bdev.ErrReadOnly DATA PROTECT / WRITE PROTECTED
 //	bdev.ErrRange   ILLEGAL REQUEST / LOGICAL BLOCK ADDRESS OUT OF RANGE
 //	bdev.ErrNoSpace DATA PROTECT / SPACE ALLOCATION FAILED WRITE PROTECT
@@ -44,9 +50,12 @@ func (c *Cmd) CompleteIO() {
 		c.SenseLen = 0
 		c.Resid = c.DataLen
 	case errors.Is(err, bdev.ErrIO):
-		if c.IO.Op == bdev.OpRead {
+		switch c.IO.Op {
+		case bdev.OpRead:
 			c.checkCondition(keyMediumError, ascUnrecoveredReadError)
-		} else {
+		case bdev.OpFlush:
+			c.checkCondition(keyHardwareError, ascInternalTargetFailure)
+		default:
 			c.checkCondition(keyMediumError, ascWriteError)
 		}
 	case errors.Is(err, bdev.ErrReadOnly):

@@ -60,13 +60,16 @@ func TestCompleteIOErrors(t *testing.T) {
 	}
 }
 
+// A failed flush is a HARDWARE ERROR, which Linux does not retry (it
+// retries MEDIUM ERROR / WRITE ERROR, and a retried flush may succeed over
+// lost writes).
 func TestCompleteIOFlushError(t *testing.T) {
 	l := newTestLUN(512)
 	c := newCmd(DirNone, 0, 0)
 	run(l, c, cdb10(opSyncCache10, 0, 0, 0)...)
 	c.IO.Err = bdev.ErrIO
 	c.CompleteIO()
-	expectCheck(t, c, ActionDone, keyMediumError, ascWriteError)
+	expectCheck(t, c, ActionDone, keyHardwareError, ascInternalTargetFailure)
 }
 
 func TestCompleteIOWithoutIOPanics(t *testing.T) {

@@ -1,9 +1,11 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"testing"
+	"time"
 
 	"vhost-target/cmd/vhost-target/guest"
 	"vhost-target/vhost"
@@ -157,5 +159,78 @@ echo inject-ok
 	}
 	if medium == 0 {
 		t.Fatal("the target counted no medium errors")
+	}
+}
+
+// TestGuestFlushErrorNotRetried: a flush that fails on the bdev fails the
+// guest's fsync, once. Linux retries a SYNCHRONIZE CACHE answered with
+// MEDIUM ERROR / WRITE ERROR (up to five times), and a retry that succeeds
+// would turn a lost write into a successful fsync; the target answers a
+// failed flush with HARDWARE ERROR, which Linux does not retry.
+func TestGuestFlushErrorNotRetried(t *testing.T) {
+	img := guestImage(t)
+	tg := startTarget(t, `
+[metrics]
+listen = ""
+[reactors]
+cpus = [0]
+poll = "adaptive"
+[[bdev]]
+name = "m"
+type = "file"
+path = "`+backingDir(t)+`/f.img"
+create = true
+size = "16MiB"
+[[bdev]]
+name = "e"
+type = "error"
+base = "m"
+[[bdev.inject]]
+op = "flush"
+error = "eio"
+[[controller]]
+name = "c0"
+num_queues = 1
+[[controller.lun]]
+target = 0
+lun = 0
+bdev = "e"
+`)
+	// Counted when the guest says so: at power-off sd_shutdown sends more
+	// SYNCHRONIZE CACHEs (and sd_sync_cache tries each three times).
+	p := newPhases("counted")
+	done := make(chan struct{})
+	var res *guest.Result
+	var err error
+	go func() {
+		defer close(done)
+		res, err = guest.Run(context.Background(), guest.Options{Image: img,
+			Controllers: []guest.Controller{{Socket: tg.sock("c0"), NumQueues: 1}},
+			Script: shPrelude + `
+sec cache
+cat /sys/block/sda/queue/write_cache
+sec fsync
+if dd if=/dev/zero of=/dev/sda bs=4k count=1 oflag=direct conv=fsync 2>/tmp/err; then echo fsync-succeeded; else echo fsync-failed; fi
+echo "phase counted"
+sleep 1
+`, Console: p, Timeout: 4 * time.Minute})
+	}()
+	p.wait(t, "counted", done, &res, &err)
+	var flushes, errs uint64
+	for _, l := range tg.ctrl("c0").Stats.Snapshot().LUNs {
+		flushes += l.Flushes
+		for _, v := range l.Errors {
+			errs += v
+		}
+	}
+	<-done
+	if err != nil || res.ExitCode != 0 {
+		t.Fatalf("guest: %v\n%s", err, consoleOf(res))
+	}
+	secs := sections(res.Console)
+	wantMatch(t, "cache", section(t, secs, "cache"), `^write back$`)
+	wantMatch(t, "fsync", section(t, secs, "fsync"), `^fsync-failed$`)
+	if flushes != 1 || errs != 1 {
+		t.Errorf("one fsync: the target saw %d flushes and %d errors, want 1 and 1 (no retry)", flushes, errs)
 	}
 }
