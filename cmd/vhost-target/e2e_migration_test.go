@@ -168,6 +168,10 @@ type migrationTest struct {
 	twoTargets bool        // A and B processes on one file; else one controller, max_sessions = 2
 	blk        bool        // a vhost-user-blk controller (issue 13) instead of a scsi LUN
 	runtime    int         // fio seconds
+	// bdev, when set, gets the prepared disk file and returns the [[bdev]]
+	// named "f0" that serves its contents instead of the file itself
+	// (an rbd image the file was imported into).
+	bdev func(t *testing.T, file string) string
 }
 
 // migrationOutcome is what testMigration saw.
@@ -188,6 +192,10 @@ func runMigration(t *testing.T, mt migrationTest) *migrationOutcome {
 	dir := shortTempDir(t, "vt-mg-")
 	disk := filepath.Join(backingDir(t), "mig.img")
 	sums := migrationDisk(t, disk)
+	var bdevText string
+	if mt.bdev != nil {
+		bdevText = mt.bdev(t, disk)
+	}
 	target := func(name string, maxSessions int) *restartable {
 		tdir := filepath.Join(dir, name)
 		if err := os.Mkdir(tdir, 0o755); err != nil {
@@ -195,6 +203,13 @@ func runMigration(t *testing.T, mt migrationTest) *migrationOutcome {
 		}
 		text := fmt.Sprintf("socket_dir = %q\n", tdir) + oneLUNConfig("file", disk, fmt.Sprintf("%dMiB", migDiskMiB), "")
 		text = strings.Replace(text, "num_queues = 1\n", fmt.Sprintf("num_queues = 1\nmax_sessions = %d\n", maxSessions), 1)
+		if bdevText != "" {
+			i, j := strings.Index(text, "[[bdev]]"), strings.Index(text, "[[controller]]")
+			if i < 0 || j < i {
+				t.Fatalf("oneLUNConfig changed; the bdev variant needs its [[bdev]]: %s", text)
+			}
+			text = text[:i] + bdevText + text[j:]
+		}
 		if mt.blk {
 			lun := "[[controller.lun]]\ntarget = 0\nlun = 0\nbdev = \"f0\"\n"
 			if !strings.Contains(text, lun) {

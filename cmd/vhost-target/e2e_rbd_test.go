@@ -46,6 +46,20 @@ func TestGuestRBD(t *testing.T) {
 	t.Run("IO", func(t *testing.T) { testGuestRBDIO(t, img, c) })
 	t.Run("FlushKill", func(t *testing.T) { testGuestRBDFlushKill(t, img, c) })
 	t.Run("OSDDown", func(t *testing.T) { testGuestRBDOSDDown(t, img, c) })
+	t.Run("Migration", func(t *testing.T) { testGuestRBDMigration(t, c) })
+}
+
+// testGuestRBDMigration: issue 12's live migration (QEMU 10, target A → B →
+// A, fio verify and page-cache chunks) with the disk an rbd image both
+// target processes open: the shared storage a VM host moves VMs over.
+// librbd's exclusive lock passes between the two clients as each writes.
+func testGuestRBDMigration(t *testing.T, c *cephtest.Cluster) {
+	q := qemu10(t)
+	checkMigration(t, runMigration(t, migrationTest{bin: buildTagged(t, "rbd"), q: q, twoTargets: true, runtime: 45,
+		bdev: func(t *testing.T, file string) string {
+			c.RBD(t, "import", "--no-progress", file, c.Pool+"/mig")
+			return rbdBdev(c, "f0", "mig", 512, "")
+		}}))
 }
 
 // pattern is n random bytes, a guest file to write and compare.
