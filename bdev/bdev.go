@@ -151,6 +151,18 @@ type Rescanner interface {
 	Rescan() (changed bool, err error)
 }
 
+// CapacityWatcher is implemented by Rescanners whose backing store tells
+// its users when its size changes (an rbd image resized by another client:
+// librbd's update watch, as SPDK's bdev_rbd uses). WatchCapacity calls fn
+// on a goroutine of its own after each change it is told of (also after
+// changes that leave the size as it is, and after a Resize of this bdev);
+// fn typically rescans and tells the guests. fn may be running when Close
+// returns and must then find the bdev gone or closed: Close does not wait
+// for it (fn usually needs the lock Close is called under). Call it once.
+type CapacityWatcher interface {
+	WatchCapacity(fn func()) error
+}
+
 // ErrInUse is wrapped by the error of a Resize or Rescan that would shrink a
 // bdev that is open.
 var ErrInUse = errors.New("bdev: shrinking a device that is open")

@@ -187,6 +187,19 @@ static void vt_efd_clear(struct vt_ch *ch) {
 		usleep(10);
 }
 
+// vt_watch_cb runs on a librbd thread when the image header changes (a
+// resize by any client): it only wakes the Go goroutine waiting on fd.
+static void vt_watch_cb(void *arg) {
+	int fd = (int)(intptr_t)arg;
+	uint64_t one = 1;
+	ssize_t r = write(fd, &one, sizeof one);
+	(void)r;
+}
+
+static int vt_watch(rbd_image_t image, int fd, uint64_t *handle) {
+	return rbd_update_watch(image, handle, vt_watch_cb, (void *)(intptr_t)fd);
+}
+
 static int vt_conf_get(rados_t cluster, const char *key, char *buf, size_t n) {
 	return rados_conf_get(cluster, key, buf, n);
 }
@@ -241,6 +254,13 @@ type Disk struct {
 	channels    atomic.Int32
 	blocklisted atomic.Bool // logged once
 	closed      bool
+
+	// The update watch (WatchCapacity): librbd's callback writes watchFD,
+	// a goroutine reads it and calls the watcher's fn.
+	watching    bool
+	watchHandle C.uint64_t
+	watchFD     int
+	watchStop   atomic.Bool
 }
 
 // Open connects to the cluster and opens the image. Errors name the bdev.
@@ -604,6 +624,15 @@ func (d *Disk) Close() error {
 		return fmt.Errorf("bdev %q: close with %d channels open", d.name, n)
 	}
 	d.closed = true
+	if d.watching {
+		// No callback runs after rbd_update_unwatch returns; the
+		// goroutine, woken, sees watchStop and closes the eventfd.
+		C.rbd_update_unwatch(d.image, d.watchHandle)
+		d.watchStop.Store(true)
+		var one = [8]byte{1}
+		unix.Write(d.watchFD, one[:])
+		d.watching = false
+	}
 	var err error
 	if d.image != nil {
 		if r := C.rbd_close(d.image); r < 0 {
@@ -616,6 +645,42 @@ func (d *Disk) Close() error {
 }
 
 var _ bdev.Bdev = (*Disk)(nil)
+
+// WatchCapacity registers an update watch on the image (bdev.CapacityWatcher):
+// after another client's `rbd resize` (or our own Resize) fn runs on a
+// goroutine of its own. Close unregisters it; fn may still be running then.
+func (d *Disk) WatchCapacity(fn func()) error {
+	d.resizeMu.Lock()
+	defer d.resizeMu.Unlock()
+	if d.closed || d.watching {
+		return fmt.Errorf("bdev %q: watch: closed or watched already", d.name)
+	}
+	fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	if err != nil {
+		return fmt.Errorf("bdev %q: watch: eventfd: %w", d.name, err)
+	}
+	if r := C.vt_watch(d.image, C.int(fd), &d.watchHandle); r < 0 {
+		unix.Close(fd)
+		return fmt.Errorf("bdev %q: %w", d.name, errno("rbd_update_watch", r))
+	}
+	d.watching, d.watchFD = true, fd
+	go func() {
+		defer unix.Close(fd)
+		var buf [8]byte
+		for {
+			if _, err := unix.Read(fd, buf[:]); err != nil && err != unix.EINTR {
+				return
+			}
+			if d.watchStop.Load() {
+				return
+			}
+			fn()
+		}
+	}()
+	return nil
+}
+
+var _ bdev.CapacityWatcher = (*Disk)(nil)
 
 // Open makes a channel: its slots, ring and (on first EventFD) eventfd.
 func (d *Disk) Open() (bdev.Channel, error) {

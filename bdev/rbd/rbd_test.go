@@ -143,6 +143,43 @@ func TestRBD(t *testing.T) {
 			t.Fatalf("rescan of a shrunk image with a channel open: %v, %d blocks", err, d.Info().NumBlocks)
 		}
 	})
+	t.Run("WatchCapacity", func(t *testing.T) {
+		images++
+		name := fmt.Sprintf("img%d", images)
+		c.CreateImage(t, name, 1<<20)
+		d, err := Open(cfg(name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		changed := make(chan struct{}, 16)
+		if err := d.WatchCapacity(func() { changed <- struct{}{} }); err != nil {
+			t.Fatal(err)
+		}
+		if err := d.WatchCapacity(func() {}); err == nil {
+			t.Error("a second watch was accepted")
+		}
+		c.RBD(t, "resize", "--size", "2M", c.Pool+"/"+name)
+		select {
+		case <-changed:
+		case <-time.After(30 * time.Second):
+			t.Fatal("no watch callback within 30 s of rbd resize")
+		}
+		if ch, err := d.Rescan(); err != nil || !ch || d.Info().NumBlocks != 2<<20/512 {
+			t.Fatalf("rescan after the callback: %v %v, %d blocks", ch, err, d.Info().NumBlocks)
+		}
+		if err := d.Close(); err != nil {
+			t.Fatal(err)
+		}
+		for len(changed) > 0 {
+			<-changed
+		}
+		c.RBD(t, "resize", "--size", "3M", c.Pool+"/"+name)
+		select {
+		case <-changed:
+			t.Error("a watch callback after Close")
+		case <-time.After(3 * time.Second):
+		}
+	})
 	t.Run("FlushedSeenByExport", func(t *testing.T) {
 		d := open(t, 4<<20, 512, 8)
 		name := fmt.Sprintf("img%d", images)

@@ -128,7 +128,29 @@ func (t *target) addBdevLocked(b config.Bdev, source string) error {
 	t.cfg = next
 	t.log.Info("bdev created", "bdev", b.Name, "type", b.Type, "size", d.Info().NumBlocks*uint64(d.Info().BlockSize),
 		"block_size", d.Info().BlockSize, "source", source)
+	if w, ok := d.(bdev.CapacityWatcher); ok {
+		name := b.Name
+		if err := w.WatchCapacity(func() { t.capacityNotified(name, d) }); err != nil {
+			t.log.Warn("the bdev's size changes will not be noticed: rescan it by hand", "bdev", name, "err", err)
+		}
+	}
 	return nil
+}
+
+// capacityNotified rescans bdev name after its backing store said its size
+// changed (bdev.CapacityWatcher: `rbd resize` by another client), so the
+// guests learn of it as after bdev_rbd_rescan. d is the bdev the watch was
+// set on: a notice that arrives after it was deleted (or replaced under its
+// name) is dropped.
+func (t *target) capacityNotified(name string, d bdev.Bdev) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.bdevs[name] != d {
+		return
+	}
+	if err := t.rescanBdevLocked(name, ""); err != nil {
+		t.log.Warn("bdev size change noticed but not applied", "bdev", name, "err", err)
+	}
 }
 
 // deleteBdev closes a bdev nothing uses. typ, if not "", must be its type
@@ -214,6 +236,10 @@ func (t *target) resizeBdevLocked(name string, size uint64, source string) error
 func (t *target) rescanBdev(name, typ string) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	return t.rescanBdevLocked(name, typ)
+}
+
+func (t *target) rescanBdevLocked(name, typ string) error {
 	b := t.cfg.Bdev(name)
 	if b == nil || typ != "" && b.Type != typ {
 		return errf(codeENODEV, "bdev %q does not exist", name)

@@ -16,6 +16,7 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"vhost-target/bdev/rbd/cephtest"
 	"vhost-target/config"
@@ -157,6 +158,15 @@ func TestRPCRBD(t *testing.T) {
 		t.Errorf("after rbd resize and bdev_rbd_rescan: num_blocks %d, want %d", b[0].NumBlocks, 160<<20/4096)
 	}
 	callErr(t, c, "bdev_rbd_rescan", m{"name": "m0"}, -19, `bdev "m0" does not exist`)
+	// Grown behind the target's back with nothing called: librbd's update
+	// watch makes the target rescan by itself.
+	cl.RBD(t, "resize", "--size", "176M", cl.Pool+"/vm1")
+	if !waitFor(30*time.Second, func() bool {
+		return call[[]bdevJSON](t, c, "bdev_get_bdevs", m{"name": "ceph0"})[0].NumBlocks == 176<<20/4096
+	}) {
+		t.Errorf("rbd resize to 176 MiB not noticed within 30 s: num_blocks %d",
+			call[[]bdevJSON](t, c, "bdev_get_bdevs", m{"name": "ceph0"})[0].NumBlocks)
+	}
 	// bdev_resize (any type) takes the same path.
 	call[bool](t, c, "bdev_resize", m{"name": "ceph0", "new_size": 192})
 	if info := cl.RBD(t, "info", cl.Pool+"/vm1"); !strings.Contains(info, "size 192 MiB") {
