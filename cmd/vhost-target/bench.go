@@ -103,9 +103,12 @@ type benchResult struct {
 	Opts                 benchOpts
 	IOs, Bytes           uint64
 	Errors, VerifyErrors uint64
-	Elapsed              time.Duration
-	Mean, P50, P99, P999 time.Duration
-	BlockSize, NumBlocks uint64
+	// Wakeups and WaitTimeouts count the waits (-interrupts) that the
+	// target's completion signal ended, and those that timed out.
+	Wakeups, WaitTimeouts uint64
+	Elapsed               time.Duration
+	Mean, P50, P99, P999  time.Duration
+	BlockSize, NumBlocks  uint64
 }
 
 func (r *benchResult) IOPS() float64 { return float64(r.IOs) / r.Elapsed.Seconds() }
@@ -170,25 +173,26 @@ func (h *hist) quantile(q float64) time.Duration {
 }
 
 type benchWorker struct {
-	q                *frontend.Queue
-	index            int // request queue
-	o                *benchOpts
-	rng              *rand.Rand
-	blocks           uint64 // in units of the LUN block size
-	lbsPerIO         uint64
-	lbs              uint64
-	sectorsPerLB     uint64 // blk: 512-byte sectors per logical block
-	h                hist
-	ios, bytes, errs atomic.Uint64
-	verifyErrs       uint64
-	cdb              [16]byte
-	written          []uint32 // verify: last generation submitted per I/O-sized unit
-	durable          []uint32 // verify: last generation whose write completed
-	slotUnit         []uint64 // verify: unit of the I/O in each slot
-	slotMin          []uint32 // verify: lowest generation a read may return
-	region           uint64   // units this worker owns
-	first            uint64
-	now              int64 // clock of the current submit or reap batch
+	q                 *frontend.Queue
+	index             int // request queue
+	o                 *benchOpts
+	rng               *rand.Rand
+	blocks            uint64 // in units of the LUN block size
+	lbsPerIO          uint64
+	lbs               uint64
+	sectorsPerLB      uint64 // blk: 512-byte sectors per logical block
+	h                 hist
+	ios, bytes, errs  atomic.Uint64
+	verifyErrs        uint64
+	wakeups, timeouts uint64 // -interrupts: waits the call eventfd ended, waits that timed out
+	cdb               [16]byte
+	written           []uint32 // verify: last generation submitted per I/O-sized unit
+	durable           []uint32 // verify: last generation whose write completed
+	slotUnit          []uint64 // verify: unit of the I/O in each slot
+	slotMin           []uint32 // verify: lowest generation a read may return
+	region            uint64   // units this worker owns
+	first             uint64
+	now               int64 // clock of the current submit or reap batch
 }
 
 func runBench(o benchOpts, progress *os.File) (*benchResult, error) {
@@ -302,6 +306,8 @@ loop:
 		res.Bytes += w.bytes.Load()
 		res.Errors += w.errs.Load()
 		res.VerifyErrors += w.verifyErrs
+		res.Wakeups += w.wakeups
+		res.WaitTimeouts += w.timeouts
 		h.merge(&w.h)
 	}
 	if h.n > 0 {
@@ -460,7 +466,11 @@ func (w *benchWorker) run(stop *atomic.Bool) error {
 		if n == 0 && w.o.interrupts {
 			// Sleep until the target signals, then look again (a
 			// completion between the Reap and the wait has signalled too).
-			q.WaitCallFD(10 * time.Millisecond)
+			if q.WaitCallFD(10 * time.Millisecond) {
+				w.wakeups++
+			} else {
+				w.timeouts++
+			}
 			q.DrainCall()
 			n = q.Reap(done)
 		}

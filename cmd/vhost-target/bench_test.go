@@ -97,9 +97,9 @@ bdev = "raw"
 }
 
 // TestBenchInterrupts: with -interrupts the bench sleeps on the call
-// eventfd, so the target must signal every completion batch; a verify run
-// completes with no errors and no stall (the bench fails a queue that gets
-// no completion for 10 s).
+// eventfd between completions; a verify run completes with no errors, and
+// the waits were ended by the target's signal, not by their 10 ms timeout
+// (which would let the bench finish with no signal at all).
 func TestBenchInterrupts(t *testing.T) {
 	dir := shortTempDir(t, "vt-bench-")
 	cfg, err := config.Parse([]byte(fmt.Sprintf(`socket_dir = %q
@@ -131,6 +131,9 @@ bdev = "m"
 			dur: 300 * time.Millisecond, queueSize: 64, interrupts: true}, nil)
 		if err != nil || res.Errors != 0 || res.VerifyErrors != 0 || res.IOs == 0 {
 			t.Fatalf("bench -interrupts -rw %s: %v, %+v", rw, err, res)
+		}
+		if res.Wakeups == 0 || res.WaitTimeouts*2 > res.Wakeups+res.WaitTimeouts {
+			t.Errorf("bench -interrupts -rw %s: %d waits ended by the target's signal, %d timed out", rw, res.Wakeups, res.WaitTimeouts)
 		}
 	}
 }
