@@ -72,8 +72,13 @@ type Reactor struct {
 	done         chan struct{}
 	started      bool
 	now          int64 // time of the current iteration; reactor goroutine only
-	closeOnce    sync.Once
-	pinErr       error
+	// scratch for draining wakefd and epoll events: a field, not a local,
+	// because a slice handed to a syscall escapes in -race builds and would
+	// cost an allocation per sleep. Reactor goroutine only.
+	drain     [8]byte
+	evs       [16]unix.EpollEvent
+	closeOnce sync.Once
+	pinErr    error
 
 	Stats Stats
 }
@@ -245,13 +250,11 @@ func (r *Reactor) sleep() {
 	}
 	// Sequentially consistent with Send: either Send sees sleeping or we see the message.
 	if ok && r.inbox.Len() == 0 && !r.stopping.Load() {
-		var evs [16]unix.EpollEvent
-		_, _ = unix.EpollWait(r.epfd, evs[:], 1000) // wakefd ends it for messages and Stop
+		_, _ = unix.EpollWait(r.epfd, r.evs[:], 1000) // wakefd ends it for messages and Stop
 		r.Stats.Sleeps.Add(1)
 	}
 	r.sleeping.Store(false)
-	var b [8]byte
-	_, _ = unix.Read(r.wakefd, b[:])
+	_, _ = unix.Read(r.wakefd, r.drain[:])
 	for _, p := range r.pollers[:armed] {
 		p.(Sleeper).Disarm()
 	}

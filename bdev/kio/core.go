@@ -193,12 +193,15 @@ func (c *Core) PollPool(p *Pool) int {
 	}
 }
 
+// eventOne is the eventfd increment Push writes; a package variable, not a
+// local, because a local handed to write(2) escapes in -race builds.
+var eventOne = [8]byte{1}
+
 // Push is called by pool workers with a finished slot.
 func (c *Core) Push(s *Slot) bool {
 	ok := c.done.Push(s)
 	if fd := c.eventFD.Load(); fd >= 0 {
-		one := [8]byte{1}
-		unix.Write(int(fd), one[:])
+		unix.Write(int(fd), eventOne[:])
 	}
 	return ok
 }
