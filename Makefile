@@ -39,9 +39,17 @@ unit: deps
 	$(GO) test $(GOTEST_FLAGS) -tags "$(TAGS)" -race -short $(PKGS)
 
 # librbd's headers for the rbd bdev (make test installs them).
+# librbd-dev to build; ceph-mon, ceph-osd and ceph-common for the tests'
+# one-host cluster, installed here once rather than by test packages running
+# in parallel (cephtest.Install still installs them for a lone go test).
+RBD_PKGS := librbd-dev ceph-mon ceph-osd ceph-common
 rbd-deps:
-	@dpkg -s librbd-dev >/dev/null 2>&1 || { apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends librbd-dev; }
+	@missing=; for p in $(RBD_PKGS); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; [ -z "$$missing" ] || { echo "rbd-deps: installing$$missing"; \
+		apt-get -o DPkg::Lock::Timeout=600 update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q \
+		--no-install-recommends $$missing; }
 
 # The rbd bdev on a one-host Ceph cluster the tests start (root; they install
 # ceph-mon, ceph-osd and ceph-common when missing): the bdev's own tests and

@@ -102,9 +102,23 @@ func Install(t testing.TB) {
 		return
 	}
 	t.Logf("cephtest: installing %s", strings.Join(Packages, " "))
-	cmd := exec.Command("apt-get", append([]string{"install", "-y", "-q", "--no-install-recommends"}, Packages...)...)
-	cmd.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")
-	if out, err := cmd.CombinedOutput(); err != nil {
+	// go test runs packages in parallel, and each may install: apt waits
+	// for another apt's lock (up to 10 min) instead of failing on it, as CI
+	// on a fresh machine did. A stale package list is refreshed once.
+	apt := func(args ...string) ([]byte, error) {
+		cmd := exec.Command("apt-get", append([]string{"-o", "DPkg::Lock::Timeout=600", "-q"}, args...)...)
+		cmd.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")
+		return cmd.CombinedOutput()
+	}
+	install := append([]string{"install", "-y", "--no-install-recommends"}, Packages...)
+	out, err := apt(install...)
+	if err != nil {
+		if uout, uerr := apt("update"); uerr != nil {
+			t.Fatalf("cephtest: apt-get update: %v\n%s", uerr, tail(uout, 40))
+		}
+		out, err = apt(install...)
+	}
+	if err != nil {
 		t.Fatalf("cephtest: apt-get install %s: %v\n%s", strings.Join(Packages, " "), err, tail(out, 40))
 	}
 }
