@@ -2,7 +2,6 @@ package vhost
 
 import (
 	"encoding/binary"
-	"time"
 
 	"vhost-target/vhost/virtq"
 )
@@ -116,9 +115,11 @@ func (cq *ctrlQueue) handle(c *virtq.Chain) uint32 {
 
 // tmf runs a task-management function. Affected commands must complete before
 // the TMF does (virtio spec 5.6.6.2.1); our commands cannot be cancelled once
-// submitted, so an abort or reset waits until the session's queues have
-// nothing in flight, then reports FUNCTION COMPLETE. Linux waits for this
-// answer with no timeout, so every path answers.
+// submitted, so an abort or reset waits until every request the session had
+// in flight when it arrived has completed (session.waitTaskSet; not for the
+// queues to be empty, which a busy guest's other queues may never be), then
+// reports FUNCTION COMPLETE. Linux waits for this answer with no timeout, so
+// every path answers; the wait runs on this goroutine, off the reactors.
 func (cq *ctrlQueue) tmf(subtype uint32, lun []byte) byte {
 	if lun[0] != 1 {
 		return respBadTarget
@@ -137,7 +138,7 @@ func (cq *ctrlQueue) tmf(subtype uint32, lun []byte) byte {
 	switch subtype {
 	case tmfAbortTask, tmfAbortTaskSet, tmfClearTaskSet, tmfLUNReset, tmfITNexusReset:
 		cq.s.c.Stats.tmfs.Add(1)
-		cq.s.drainRequests(10 * time.Second)
+		cq.s.waitTaskSet(cq.quit)
 		return tmfFunctionDone
 	case tmfQueryTask, tmfQueryTaskSet:
 		if cq.s.inflight() > 0 {

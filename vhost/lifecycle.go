@@ -96,7 +96,7 @@ package vhost
 // event decisions), events (pending events, under events.mu) and ua (above). Nothing of a session is
 // reachable from another session: each has its own rings, memory mappings,
 // bdev channels (opened per queue), call/kick fds and task management scope
-// (a TMF waits for its own session's requests only).
+// (a TMF waits for its own session's requests only, those in flight when it came).
 //
 // teardown = RESET (below) + call fds closed + memory unmapped. It runs only
 // after every ring is STOPPED, so no reactor or control goroutine can touch

@@ -54,6 +54,7 @@ type request struct {
 	lun   int          // lunRef.slot of the LUN the command ran on, -1 for none
 	br    *blk.Request // a blk queue's request state (blkdev.go); nil on scsi queues
 	start int64        // poll time (ns) when the bdev IO was submitted; 0 for emulated commands
+	epoch uint64       // queue.epoch when the request was taken (task management, ctrlq.go)
 }
 
 // queue is a request virtqueue running on one reactor. Only that reactor
@@ -72,6 +73,13 @@ type queue struct {
 	slots    []request
 	free     []*request
 	inflight int
+	// epoch and older scope a task management function to the requests in
+	// flight when it arrived (session.waitTaskSet): a TMF increments epoch
+	// and sets older to inflight; a request taken in an earlier epoch
+	// decrements older when it completes. So older counts the requests in
+	// flight that are older than the last TMF, whatever the I/O after it.
+	epoch    uint64
+	older    int
 	heads    []uint64       // bitmap of heads in flight: a head twice is a broken driver
 	pending  int            // used elements pushed since the last Publish
 	chans    []bdev.Channel // by lunRef.slot; nil for a slot with no LUN
@@ -393,6 +401,7 @@ func (q *queue) take(max int) (started, taken int) {
 		q.heads[h/64] |= 1 << (h % 64)
 		q.free = q.free[:len(q.free)-1]
 		q.inflight++
+		r.epoch = q.epoch
 		started++
 		q.execute(r)
 	}
@@ -662,6 +671,9 @@ func (q *queue) push(r *request, written uint32) {
 	q.vq.Push(h, written)
 	q.pending++
 	q.inflight--
+	if r.epoch != q.epoch {
+		q.older--
+	}
 	q.free = append(q.free, r)
 	q.st.Requests++
 }

@@ -714,15 +714,72 @@ func (s *session) inflight() int {
 	return n
 }
 
-// drainRequests waits until nothing is in flight, or the timeout passes.
-func (s *session) drainRequests(timeout time.Duration) bool {
-	deadline := time.Now().Add(timeout)
-	for s.inflight() > 0 {
-		if time.Now().After(deadline) {
-			s.log.Warn("task management: requests still in flight after timeout")
-			return false
-		}
-		time.Sleep(time.Millisecond)
+// waitTaskSet waits until every request in flight on the session's
+// queues when it is called has completed, however much I/O the guest starts
+// meanwhile: what an ABORT TASK or a reset must wait for before it answers
+// (virtio spec 5.6.6.2.1, SAM-5 7.11). Our requests cannot be cancelled
+// once submitted, and until one completes the bdev may still write into the
+// guest buffers the aborted command named; a TMF answered earlier lets the
+// guest reuse them. So there is no time limit (QEMU waits the same way for
+// requests it cannot cancel); the wait is logged every 30 s after the first
+// 10 s. It ends early, returning false, only when quit closes (the control
+// queue stops: the device is stopping and its queues drain on their own).
+func (s *session) waitTaskSet(quit <-chan struct{}) bool {
+	// One message per queue: requests its reactor has taken before it runs
+	// are in an older epoch, those taken after in the new one. It first
+	// polls the queue, so chains the driver made available before the TMF
+	// (kicked, but not yet seen by a reactor that was asleep or busy) are
+	// taken as older too.
+	s.qmu.Lock()
+	for _, q := range s.live {
+		q.r.Call(func() {
+			if !q.stopping {
+				q.Poll()
+			}
+			q.epoch++
+			q.older = q.inflight
+		})
 	}
-	return true
+	s.qmu.Unlock()
+	start := time.Now()
+	warnAt := start.Add(10 * time.Second)
+	pause := 50 * time.Microsecond
+	t := time.NewTimer(pause)
+	defer t.Stop()
+	for {
+		n := s.olderInFlight()
+		if n == 0 {
+			if d := time.Since(start); d >= 10*time.Second {
+				s.log.Info("task management: requests in flight when it came have completed; answering", "waited", d.Round(time.Millisecond))
+			}
+			return true
+		}
+		if now := time.Now(); now.After(warnAt) {
+			s.log.Warn("task management: waiting for requests in flight when it came (a bdev not completing?)",
+				"requests", n, "waited", now.Sub(start).Round(time.Second))
+			warnAt = now.Add(30 * time.Second)
+		}
+		t.Reset(pause)
+		select {
+		case <-quit:
+			s.log.Warn("task management: control queue stopping while requests it waits for are in flight; answering",
+				"requests", n, "waited", time.Since(start).Round(time.Millisecond))
+			return false
+		case <-t.C:
+		}
+		pause = min(2*pause, 5*time.Millisecond)
+	}
+}
+
+// olderInFlight counts the requests older than the last TMF still in flight
+// on the session's running queues. A queue stopped since has drained (or
+// given up on) its requests; one started since has none that old.
+func (s *session) olderInFlight() int {
+	s.qmu.Lock()
+	defer s.qmu.Unlock()
+	n := 0
+	for _, q := range s.live {
+		q.r.Call(func() { n += q.older })
+	}
+	return n
 }
