@@ -231,13 +231,16 @@ type Bdev struct {
 // Inject is one fault of an error bdev: IOs of operation Op overlapping
 // blocks [LBAStart, LBAStart+LBACount) (LBACount 0 = to the end; a flush
 // matches on Op alone) wait Delay and then fail with Error, or go on to the
-// base when Error is "". At least one of Error and Delay is set.
+// base when Error is "". At least one of Error and Delay is set. Count > 0
+// limits the entry to that many IOs (SPDK's num): one slow or failed
+// command, its retry served.
 type Inject struct {
 	Op       string // one of InjectOps
 	LBAStart uint64
 	LBACount uint64
 	Error    string // "" or InjectEIO
 	Delay    time.Duration
+	Count    uint64 // 0: every matching IO
 }
 
 // Controller describes one vhost-user controller (one socket): a

@@ -240,6 +240,7 @@ op = "write"
 lba_start = 7
 error = "eio"
 delay = "1.5s"
+count = 2
 [[controller]]
 name = "vhost.0"
 [[controller.lun]]
@@ -253,7 +254,7 @@ bdev = "err0"
 	want := Bdev{Name: "err0", Type: TypeError, Base: "mem0", UUID: BdevUUID("err0"), Inject: []Inject{
 		{Op: "read", LBAStart: 100, LBACount: 8, Error: InjectEIO},
 		{Op: "all", Delay: 10 * time.Millisecond},
-		{Op: "write", LBAStart: 7, Error: InjectEIO, Delay: 1500 * time.Millisecond},
+		{Op: "write", LBAStart: 7, Error: InjectEIO, Delay: 1500 * time.Millisecond, Count: 2},
 	}}
 	if !reflect.DeepEqual(c.Bdevs[1], want) {
 		t.Errorf("got  %+v\nwant %+v", c.Bdevs[1], want)
@@ -440,13 +441,13 @@ func TestParseErrors(t *testing.T) {
 		{"base on malloc", head + mallocBdev + "base = \"x\"\n[[bdev.inject]]\nop = \"read\"\nerror = \"eio\"\n" + ctrl0,
 			[]string{`bdev[0] "mem0": base: not used by type "malloc"`, `bdev[0] "mem0": inject: not used by type "malloc"`}, 2},
 		{"inject bad", head + mallocBdev + "[[bdev]]\nname = \"err0\"\ntype = \"error\"\nbase = \"mem0\"\n" +
-			"[[bdev.inject]]\nop = \"reed\"\nlba_start = -1\nlba_count = -2\nerror = \"enospc\"\ndelay = \"soon\"\n" +
+			"[[bdev.inject]]\nop = \"reed\"\nlba_start = -1\nlba_count = -2\nerror = \"enospc\"\ndelay = \"soon\"\ncount = -1\n" +
 			"[[bdev.inject]]\nop = \"flush\"\n" +
 			"[[bdev.inject]]\nop = \"all\"\ndelay = \"2m\"\n" +
 			"[[bdev.inject]]\nop = \"read\"\nlba_start = 9223372036854775807\nlba_count = 9223372036854775807\nlba_count_x = 1\nerror = \"eio\"\n" + ctrl0,
 			[]string{`bdev[1] "err0": inject[0].op: "reed" is not one of all, read, write, flush, unmap, write_zeroes, write_same`,
 				`inject[0].lba_start: -1 is negative`, `inject[0].lba_count: -2 is negative`, `inject[0].error: "enospc" is not "eio"`,
-				`inject[0].delay: "soon" is not a duration`, `bdev[1] "err0": inject[1]: injects nothing`,
+				`inject[0].delay: "soon" is not a duration`, `inject[0].count: -1 is negative`, `bdev[1] "err0": inject[1]: injects nothing`,
 				`inject[2].delay: 2m0s is out of range 0..1m0s`, `unknown key "inject[3].lba_count_x"`}, 0},
 		{"path on malloc", head + mallocBdev + "path = \"/x\"\nread_only = true\n" + ctrl0,
 			[]string{`bdev[0] "mem0": path: not used by type "malloc"`, `bdev[0] "mem0": read_only: not used by type "malloc"`}, 0},

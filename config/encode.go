@@ -66,6 +66,7 @@ type outInject struct {
 	LBACount uint64 `toml:"lba_count"`
 	Error    string `toml:"error,omitempty"`
 	Delay    string `toml:"delay,omitempty"`
+	Count    uint64 `toml:"count,omitempty"`
 }
 
 type outController struct {
@@ -122,7 +123,7 @@ func (c *Config) Encode(header string) ([]byte, error) {
 			ob.OpTimeout = b.OpTimeout.String() // "0s" (wait for ever) included
 		}
 		for _, in := range b.Inject {
-			oi := outInject{Op: in.Op, LBAStart: in.LBAStart, LBACount: in.LBACount, Error: in.Error}
+			oi := outInject{Op: in.Op, LBAStart: in.LBAStart, LBACount: in.LBACount, Error: in.Error, Count: in.Count}
 			if in.Delay != 0 {
 				oi.Delay = in.Delay.String()
 			}

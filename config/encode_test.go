@@ -69,6 +69,7 @@ delay = "1.5ms"
 [[bdev.inject]]
 op = "all"
 delay = "2s"
+count = 3
 [[bdev]]
 name = "f0"
 type = "aio"

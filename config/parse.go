@@ -73,6 +73,7 @@ type rawInject struct {
 	LBACount *int64 `toml:"lba_count"`
 	Error    string `toml:"error"`
 	Delay    string `toml:"delay"`
+	Count    *int64 `toml:"count"`
 }
 
 type rawController struct {
@@ -352,6 +353,13 @@ func injectFromRaw(ri *rawInject, key string, errs *errorList) Inject {
 			errs.addf(key+".lba_count", "%d is negative", *ri.LBACount)
 		} else {
 			in.LBACount = uint64(*ri.LBACount)
+		}
+	}
+	if ri.Count != nil {
+		if *ri.Count < 0 {
+			errs.addf(key+".count", "%d is negative; 0 (the default) injects into every matching IO", *ri.Count)
+		} else {
+			in.Count = uint64(*ri.Count)
 		}
 	}
 	if ri.Delay != "" {

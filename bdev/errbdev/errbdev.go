@@ -7,6 +7,7 @@ package errbdev
 
 import (
 	"fmt"
+	"math"
 	"sync/atomic"
 	"time"
 
@@ -21,13 +22,17 @@ const DelayedMax = 1024
 // its byte range overlaps blocks [LBAStart, LBAStart+LBACount) (LBACount 0 =
 // to the end of the device); a flush has no range and matches on Op alone.
 // A matching IO waits Delay, then fails with Err or, when Err is nil, goes
-// to the base bdev. The first matching rule applies.
+// to the base bdev. The first matching rule applies. A rule with Count > 0
+// applies to that many IOs (over all channels), then matches no more, as
+// SPDK's bdev_error_inject_error num does: one slow or failed command, the
+// retry served.
 type Rule struct {
 	Op       bdev.Op
 	LBAStart uint64
 	LBACount uint64
 	Err      error
 	Delay    time.Duration
+	Count    uint64
 }
 
 // Config describes an error bdev.
@@ -44,7 +49,8 @@ type Disk struct {
 	uuid  [16]byte
 	base  bdev.Bdev
 	rules []Rule
-	bs    uint64 // block size: the base's, which a resize does not change
+	left  []atomic.Int64 // by rule: IOs a rule with a Count may still take
+	bs    uint64         // block size: the base's, which a resize does not change
 	// info is the base's Info under this bdev's name, rebuilt when the base
 	// publishes a new one (a resize), so the geometry follows the base's.
 	info atomic.Pointer[infoCache]
@@ -82,9 +88,15 @@ func New(c Config) (*Disk, error) {
 		if r.LBAStart+r.LBACount < r.LBAStart {
 			return nil, fmt.Errorf("error bdev %q: rule %d: LBA range overflows", c.Name, i)
 		}
+		if r.Count > math.MaxInt64 {
+			return nil, fmt.Errorf("error bdev %q: rule %d: count %d too large", c.Name, i, r.Count)
+		}
 	}
 	d := &Disk{name: c.Name, uuid: c.UUID, base: c.Base, rules: append([]Rule(nil), c.Rules...),
-		bs: uint64(c.Base.Info().BlockSize)}
+		left: make([]atomic.Int64, len(c.Rules)), bs: uint64(c.Base.Info().BlockSize)}
+	for i, r := range c.Rules {
+		d.left[i].Store(int64(r.Count))
+	}
 	d.Info()
 	return d, nil
 }
@@ -146,28 +158,39 @@ func (d *Disk) Open() (bdev.Channel, error) {
 
 // match returns the first rule io matches, or nil.
 func (d *Disk) match(io *bdev.IO) *Rule {
-	bs := d.bs
 	for i := range d.rules {
 		r := &d.rules[i]
-		if r.Op != 0 && r.Op != io.Op {
+		if !d.matches(r, io) {
 			continue
 		}
-		switch io.Op {
-		case bdev.OpFlush:
-			return r
-		case bdev.OpUnmap:
-			for _, rg := range io.Ranges[:min(max(io.NRanges, 0), bdev.MaxRanges)] {
-				if r.overlaps(rg.Offset, rg.Len, bs) {
-					return r
-				}
-			}
-		default:
-			if r.overlaps(io.Offset, io.Len, bs) {
-				return r
-			}
+		// A counted rule takes the IO only while it has some left; one
+		// used up lets the IO on to the next rule.
+		if r.Count > 0 && d.left[i].Add(-1) < 0 {
+			d.left[i].Store(-1) // used up: keep it from drifting
+			continue
 		}
+		return r
 	}
 	return nil
+}
+
+// matches reports whether io is of r's op and touches r's blocks.
+func (d *Disk) matches(r *Rule, io *bdev.IO) bool {
+	if r.Op != 0 && r.Op != io.Op {
+		return false
+	}
+	switch io.Op {
+	case bdev.OpFlush:
+		return true
+	case bdev.OpUnmap:
+		for _, rg := range io.Ranges[:min(max(io.NRanges, 0), bdev.MaxRanges)] {
+			if r.overlaps(rg.Offset, rg.Len, d.bs) {
+				return true
+			}
+		}
+		return false
+	}
+	return r.overlaps(io.Offset, io.Len, d.bs)
 }
 
 func (r *Rule) overlaps(off, n, bs uint64) bool {

@@ -254,3 +254,33 @@ func TestResizeFollowsBase(t *testing.T) {
 		t.Error("rescan of an error bdev over a malloc bdev succeeded")
 	}
 }
+
+// TestCountedRule: a rule with a Count takes that many matching IOs, over
+// all channels, then lets them on to the next rule or the base; IOs it does
+// not match do not use it up.
+func TestCountedRule(t *testing.T) {
+	d, _ := newDisk(t,
+		Rule{Op: bdev.OpRead, LBAStart: 10, LBACount: 1, Err: bdev.ErrIO, Count: 3},
+		Rule{Op: bdev.OpRead, LBAStart: 10, LBACount: 1, Err: bdev.ErrNoSpace, Count: 1},
+	)
+	ch1, ch2 := kiotest.Open(t, d), kiotest.Open(t, d)
+	buf := kiotest.Mem(t, 512)
+	read := func(ch bdev.Channel, lba uint64) error {
+		return kiotest.Do(t, ch, &bdev.IO{Op: bdev.OpRead, Offset: lba * 512, Len: 512, Iov: [][]byte{buf}})
+	}
+	if err := read(ch1, 11); err != nil { // elsewhere: not counted
+		t.Fatalf("read elsewhere: %v", err)
+	}
+	for i, want := range []error{bdev.ErrIO, bdev.ErrIO, bdev.ErrIO, bdev.ErrNoSpace, nil, nil} {
+		ch := ch1
+		if i%2 == 1 {
+			ch = ch2
+		}
+		if err := read(ch, 10); !errors.Is(err, want) && !(want == nil && err == nil) {
+			t.Errorf("read %d: %v, want %v", i, err, want)
+		}
+	}
+	if _, err := New(Config{Name: "x", Base: d, Rules: []Rule{{Err: bdev.ErrIO, Count: 1 << 63}}}); err == nil {
+		t.Error("a count over MaxInt64 was accepted")
+	}
+}

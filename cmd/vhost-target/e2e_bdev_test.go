@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -233,4 +235,94 @@ sleep 1
 	if flushes != 1 || errs != 1 {
 		t.Errorf("one fsync: the target saw %d flushes and %d errors, want 1 and 1 (no retry)", flushes, errs)
 	}
+}
+
+// TestGuestResetWaitsForHeldRead: a real guest's LUN RESET (sg_reset -d,
+// a TMF on the control queue) is answered only once the read the guest had
+// in flight has completed, as the virtio spec requires of a TMF (the
+// affected requests complete first); Linux waits for the answer however
+// long it takes and the read's data is right.
+//
+// The read of block 1000 is held 20 s (an error bdev entry with count 1) and
+// the reset sent 2 s into it. The old answer after at most 10 s came with the
+// read still held: the reset returned at about 10 s, the read 8 s later.
+// (Linux's virtio_scsi does not abort a command that times out, it restarts
+// its timer, seen here with a 3 s timeout and no TMF in 20 s; resets, and
+// other initiators' aborts, are what send TMFs.)
+func TestGuestResetWaitsForHeldRead(t *testing.T) {
+	img := guestImage(t)
+	tg := startTarget(t, `
+[metrics]
+listen = ""
+[reactors]
+cpus = [0]
+poll = "adaptive"
+[[bdev]]
+name = "m"
+type = "file"
+path = "`+backingDir(t)+`/f.img"
+create = true
+size = "16MiB"
+[[bdev]]
+name = "e"
+type = "error"
+base = "m"
+[[bdev.inject]]
+op = "read"
+lba_start = 8000
+lba_count = 8
+delay = "20s"
+count = 1
+[[controller]]
+name = "c0"
+num_queues = 1
+[[controller.lun]]
+target = 0
+lun = 0
+bdev = "e"
+`)
+	res, err := guest.Run(context.Background(), guest.Options{Image: img,
+		Controllers: []guest.Controller{{Socket: tg.sock("c0"), NumQueues: 1}},
+		Script: shPrelude + `
+dd if=/dev/urandom of=/tmp/A bs=4k count=1 2>/dev/null
+dd if=/tmp/A of=/dev/sda bs=4k seek=1000 count=1 oflag=direct conv=notrunc 2>/dev/null
+( dd if=/dev/sda of=/tmp/R bs=4k skip=1000 count=1 iflag=direct 2>/dev/null && touch /tmp/read-done ) &
+sleep 2
+sec reset
+t0=$(date +%s)
+sg_reset -d /dev/sda && echo reset-ok || echo reset-failed
+t1=$(date +%s)
+[ -e /tmp/read-done ] && echo read-completed-first || echo read-still-held
+wait
+cmp -s /tmp/R /tmp/A && echo read-ok || echo read-wrong
+sec took
+echo $((t1 - t0))
+sec after
+dd if=/dev/sda of=/tmp/R2 bs=4k skip=1000 count=1 iflag=direct 2>/dev/null
+cmp -s /tmp/R2 /tmp/A && echo reread-ok || echo reread-wrong
+`, Timeout: 5 * time.Minute})
+	if err != nil || res.ExitCode != 0 {
+		t.Fatalf("guest: %v\n%s", err, consoleOf(res))
+	}
+	secs := sections(res.Console)
+	wantMatch(t, "reset", section(t, secs, "reset"), `^reset-ok\nread-completed-first\nread-ok$`)
+	wantMatch(t, "after", section(t, secs, "after"), `^reread-ok$`)
+	took, _ := strconv.Atoi(strings.TrimSpace(section(t, secs, "took")))
+	st := tg.ctrl("c0").Stats.Snapshot()
+	if st.TMFs != 1 {
+		t.Errorf("TMFs counted %d, want the one reset", st.TMFs)
+	}
+	t.Logf("sg_reset took %d s (the read was held 20 s from 2 s before it); target: %q", took,
+		grepLines(tg.logs.String(), "task management"))
+}
+
+// grepLines returns the lines of s that contain sub.
+func grepLines(s, sub string) []string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return out
 }

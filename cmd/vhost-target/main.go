@@ -340,7 +340,7 @@ func openErrorBdev(b *config.Bdev, base bdev.Bdev) (bdev.Bdev, error) {
 		if !ok {
 			return nil, fmt.Errorf("bdev %q: inject[%d]: unknown op %q", b.Name, i, in.Op)
 		}
-		rules[i] = errbdev.Rule{Op: op, LBAStart: in.LBAStart, LBACount: in.LBACount, Delay: in.Delay}
+		rules[i] = errbdev.Rule{Op: op, LBAStart: in.LBAStart, LBACount: in.LBACount, Delay: in.Delay, Count: in.Count}
 		if in.Error == config.InjectEIO {
 			rules[i].Err = bdev.ErrIO
 		}
