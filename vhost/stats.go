@@ -39,6 +39,15 @@ type LUNCounters struct {
 	InFlight     int64 // block I/O commands submitted to the bdev and not completed
 }
 
+// ErrorTotal is the number of commands that ended in an error, of any kind.
+func (c *LUNCounters) ErrorTotal() uint64 {
+	var n uint64
+	for _, v := range c.Errors {
+		n += v
+	}
+	return n
+}
+
 // latencyBucket maps nanoseconds to a bucket: ceil(log2(us)).
 func latencyBucket(ns int64) int {
 	us := uint64(ns+999) / 1000

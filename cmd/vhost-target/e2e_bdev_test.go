@@ -31,12 +31,7 @@ func backingDir(t *testing.T) string {
 func TestGuestFileAndAIO(t *testing.T) {
 	img := guestImage(t)
 	dir := backingDir(t)
-	tg := startTarget(t, fmt.Sprintf(`
-[metrics]
-listen = ""
-[reactors]
-cpus = [0]
-poll = "adaptive"
+	tg := startTarget(t, fmt.Sprintf(targetPrelude+`
 [[bdev]]
 name = "f"
 type = "file"
@@ -93,10 +88,8 @@ echo bdev-ok
 		if l.Writes == 0 || l.Reads == 0 || l.Flushes == 0 || l.Unmaps == 0 {
 			t.Errorf("LUN %s: writes %d reads %d flushes %d unmaps %d", l.Bdev, l.Writes, l.Reads, l.Flushes, l.Unmaps)
 		}
-		for k, v := range l.Errors {
-			if v != 0 {
-				t.Errorf("LUN %s: %d errors of kind %d", l.Bdev, v, k)
-			}
+		if n := l.ErrorTotal(); n != 0 {
+			t.Errorf("LUN %s: %d errors (by kind %v)", l.Bdev, n, l.Errors)
 		}
 	}
 }
@@ -107,12 +100,7 @@ echo bdev-ok
 // error counter moved.
 func TestGuestInjectedErrors(t *testing.T) {
 	img := guestImage(t)
-	tg := startTarget(t, `
-[metrics]
-listen = ""
-[reactors]
-cpus = [0]
-poll = "adaptive"
+	tg := startTarget(t, targetPrelude+`
 [[bdev]]
 name = "m"
 type = "malloc"
@@ -171,12 +159,7 @@ echo inject-ok
 // failed flush with HARDWARE ERROR, which Linux does not retry.
 func TestGuestFlushErrorNotRetried(t *testing.T) {
 	img := guestImage(t)
-	tg := startTarget(t, `
-[metrics]
-listen = ""
-[reactors]
-cpus = [0]
-poll = "adaptive"
+	tg := startTarget(t, targetPrelude+`
 [[bdev]]
 name = "m"
 type = "file"
@@ -221,9 +204,7 @@ sleep 1
 	var flushes, errs uint64
 	for _, l := range tg.ctrl("c0").Stats.Snapshot().LUNs {
 		flushes += l.Flushes
-		for _, v := range l.Errors {
-			errs += v
-		}
+		errs += l.ErrorTotal()
 	}
 	<-done
 	if err != nil || res.ExitCode != 0 {
@@ -251,12 +232,7 @@ sleep 1
 // other initiators' aborts, are what send TMFs.)
 func TestGuestResetWaitsForHeldRead(t *testing.T) {
 	img := guestImage(t)
-	tg := startTarget(t, `
-[metrics]
-listen = ""
-[reactors]
-cpus = [0]
-poll = "adaptive"
+	tg := startTarget(t, targetPrelude+`
 [[bdev]]
 name = "m"
 type = "file"

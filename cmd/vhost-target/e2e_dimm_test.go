@@ -15,12 +15,7 @@ import (
 // with ADD_MEM_REG (CONFIGURE_MEM_SLOTS) and fio verify still passes.
 func TestGuestDIMM(t *testing.T) {
 	img := guestImage(t)
-	tg := startTargetWith(t, `
-[metrics]
-listen = ""
-[reactors]
-cpus = [0]
-poll = "adaptive"
+	tg := startTargetWith(t, targetPrelude+`
 [[bdev]]
 name = "m"
 type = "malloc"

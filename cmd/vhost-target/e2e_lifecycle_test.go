@@ -18,12 +18,7 @@ import (
 
 // lifecycleConfig: a 512-byte LUN SeaBIOS accepts and a 4096-byte LUN it
 // rejects ("unsupported block size"), both scanned by Linux afterwards.
-const lifecycleConfig = `
-[metrics]
-listen = ""
-[reactors]
-cpus = [0]
-poll = "adaptive"
+const lifecycleConfig = targetPrelude + `
 [[bdev]]
 name = "m512"
 type = "malloc"

@@ -12,12 +12,7 @@ import (
 // fleetConfig puts five LUNs of both block sizes on one controller: targets
 // 0 and 1 with LUN 0 each, and target 2 with LUNs 0, 1 and 3, so Linux must
 // find LUN 3 through REPORT LUNS (a sequential scan stops at the gap).
-const fleetConfig = `
-[metrics]
-listen = ""
-[reactors]
-cpus = [0]
-poll = "adaptive"
+const fleetConfig = targetPrelude + `
 [[bdev]]
 name = "m512"
 type = "malloc"

@@ -12,12 +12,7 @@ import (
 	"vhost-target/cmd/vhost-target/guest"
 )
 
-const twoControllersConfig = `
-[metrics]
-listen = ""
-[reactors]
-cpus = [0]
-poll = "adaptive"
+const twoControllersConfig = targetPrelude + `
 [[bdev]]
 name = "a512"
 type = "malloc"

@@ -78,12 +78,7 @@ func pattern(t *testing.T, n int) []byte {
 func testGuestRBDIO(t *testing.T, img *guest.Image, c *cephtest.Cluster) {
 	c.CreateImage(t, "io512", 128<<20)
 	c.CreateImage(t, "io4k", 64<<20)
-	tg := startTarget(t, `
-[metrics]
-listen = ""
-[reactors]
-cpus = [0]
-poll = "adaptive"
+	tg := startTarget(t, targetPrelude+`
 `+rbdBdev(c, "r512", "io512", 512, "")+rbdBdev(c, "r4k", "io4k", 4096, "")+`
 [[controller]]
 name = "s0"
@@ -184,10 +179,8 @@ dmesg | grep -ciE "i/o error|blk_update_request|critical" || true
 			if l.Writes == 0 || l.Reads == 0 || name == "s0" && l.Flushes == 0 { // sg_sync; vda's fsync sends none to a write-through disk
 				t.Errorf("%s LUN %s: writes %d reads %d flushes %d", name, l.Bdev, l.Writes, l.Reads, l.Flushes)
 			}
-			for k, v := range l.Errors {
-				if v != 0 {
-					t.Errorf("%s LUN %s: %d errors of kind %d", name, l.Bdev, v, k)
-				}
+			if n := l.ErrorTotal(); n != 0 {
+				t.Errorf("%s LUN %s: %d errors (by kind %v)", name, l.Bdev, n, l.Errors)
 			}
 		}
 	}
@@ -209,12 +202,7 @@ func testGuestRBDFlushKill(t *testing.T, img *guest.Image, c *cephtest.Cluster) 
 	c.CreateImage(t, "killblk", 64<<20)
 	dir := shortTempDir(t, "vt-rbdk-")
 	cfg := filepath.Join(dir, "t.toml")
-	text := fmt.Sprintf("socket_dir = %q\n", dir) + `
-[metrics]
-listen = ""
-[reactors]
-cpus = [0]
-poll = "adaptive"
+	text := fmt.Sprintf("socket_dir = %q\n", dir) + targetPrelude + `
 ` + rbdBdev(c, "k", "kill", 512, "") + rbdBdev(c, "kb", "killblk", 4096, "") + `
 [[controller]]
 name = "c0"
@@ -290,12 +278,7 @@ sleep 300
 func testGuestRBDOSDDown(t *testing.T, img *guest.Image, c *cephtest.Cluster) {
 	c.CreateImage(t, "wait", 64<<20)
 	c.CreateImage(t, "fail", 64<<20)
-	tg := startTarget(t, `
-[metrics]
-listen = ""
-[reactors]
-cpus = [0]
-poll = "adaptive"
+	tg := startTarget(t, targetPrelude+`
 `+rbdBdev(c, "w", "wait", 512, "")+rbdBdev(c, "f", "fail", 512, "op_timeout = \"5s\"\n")+`
 [[controller]]
 name = "c0"
@@ -380,10 +363,7 @@ sg_sync /dev/sdb && echo sdb-synced
 	wantMatch(t, "wait", section(t, secs, "wait"), `^3;fio-[^;]*;wait;0;0$`)
 	wantMatch(t, "fail", section(t, secs, "fail"), `^write-failed$`, `^intact$`, `^3;fio-[^;]*;after;0;0$`, `^sdb-synced$`)
 	for _, l := range tg.ctrl("c0").Stats.Snapshot().LUNs {
-		errs := uint64(0)
-		for _, v := range l.Errors {
-			errs += v
-		}
+		errs := l.ErrorTotal()
 		switch {
 		case l.Bdev == "w" && errs != 0:
 			t.Errorf("LUN w (30 s op timeout, 10 s outage): %d errors", errs)

@@ -38,12 +38,7 @@ func (m *marker) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-const sessionsConfig = `
-[metrics]
-listen = ""
-[reactors]
-cpus = [0]
-poll = "adaptive"
+const sessionsConfig = targetPrelude + `
 [[bdev]]
 name = "m0"
 type = "malloc"

@@ -204,6 +204,16 @@ func runGuest(t *testing.T, img *guest.Image, o guest.Options) *guest.Result {
 // shPrelude starts every guest script: stop at the first failing command
 // (the exit status fails the test and prints the console) and mark output
 // sections for sections().
+// targetPrelude begins most guest tests' configs: no metrics listener and
+// one adaptive reactor on CPU 0, which leaves the other core to the TCG guest.
+const targetPrelude = `
+[metrics]
+listen = ""
+[reactors]
+cpus = [0]
+poll = "adaptive"
+`
+
 const shPrelude = `set -e
 sec() { echo "@@@ $*"; }
 `
