@@ -48,7 +48,8 @@ type blkSession struct {
 	// writethrough (SET_CONFIG writeback = 0): a write then completes only
 	// once it is durable (a flush follows it on a bdev with a volatile
 	// cache). Read by reactors at each write. Kept across device resets, as
-	// QEMU keeps its copy of the config space and does not send it again.
+	// QEMU keeps its copy of the config space and does not send it again,
+	// and across target restarts in the inflight area (inflight.go).
 	writeThrough atomic.Bool
 
 	// backend is the back-end request channel (SET_BACKEND_REQ_FD), or -1.
@@ -120,6 +121,7 @@ func (s *session) blkSetConfig(m *proto.Msg) (replied bool, err error) {
 	ok := cfg.Offset == configWriteback && len(data) == 1 && data[0] <= 1
 	if ok {
 		s.blk.writeThrough.Store(data[0] == 0)
+		s.saveState() // for a restarted target: QEMU will not send it again
 		s.log.Info("driver set the cache mode", "writeback", data[0] == 1)
 	} else {
 		s.log.Warn("SET_CONFIG refused: only the writeback byte is writable", "offset", cfg.Offset, "size", cfg.Size)

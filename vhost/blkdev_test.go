@@ -13,7 +13,9 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"fmt"
+	"log/slog"
 	"math/rand"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"sync"
@@ -871,4 +873,78 @@ func TestBlkWritethroughAcrossReset(t *testing.T) {
 	if n := disk.flushes.Load() - f0; n != 0 {
 		t.Errorf("a new connection: %d flushes after a write", n)
 	}
+}
+
+// TestBlkWritethroughAcrossRestart: the writethrough a driver chose
+// survives a target restart. QEMU sends SET_CONFIG once and keeps its copy
+// of the config space; after the target dies it reconnects and hands over
+// the inflight area, not the cache mode. The session keeps the mode in the
+// area it allocated, so the next target reads it back: its writes are still
+// flushed before they complete and its config says writeback 0. (Before,
+// the restarted target served writeback: writes acknowledged before they
+// were durable while the guest, believing writethrough, sent no flush.)
+func TestBlkWritethroughAcrossRestart(t *testing.T) {
+	e := newEnv(t, 1, reactor.Adaptive)
+	disk := newCacheBdev(e.disk("wt", 1<<20, 512))
+	sock := filepath.Join(t.TempDir(), "b")
+	logs := &syncBuffer{}
+	newCtrl := func() *vhost.Controller {
+		c, err := vhost.NewController(vhost.Config{Name: "b", Kind: vhost.KindBlk, Disk: disk, SocketPath: sock, NumQueues: 1,
+			Reactors: e.r, SocketUID: -1, SocketGID: -1, Logger: slog.New(slog.NewTextHandler(logs, nil))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Listen(); err != nil {
+			t.Fatal(err)
+		}
+		e.ctrls = append(e.ctrls, c)
+		return c
+	}
+	c1 := newCtrl()
+	d := dial(t, sock, frontend.Options{Blk: true, Inflight: true})
+	write := func(what string, wantFlushes int64) {
+		t.Helper()
+		f0 := disk.flushes.Load()
+		expectBlk(t, what, doBlk(t, d, frontend.BlkCommand{Type: frontend.BlkTOut, DataOut: make([]byte, 512)}), 0, 1)
+		if n := disk.flushes.Load() - f0; n != wantFlushes {
+			t.Errorf("%s: %d flushes after a write, want %d", what, n, wantFlushes)
+		}
+	}
+	write("writeback OUT", 0)
+	if err := d.SetWriteback(false); err != nil {
+		t.Fatal(err)
+	}
+	write("writethrough OUT", 1)
+
+	// Restart: the first target dies, a second one takes the socket and
+	// the front-end reconnects with its area.
+	if err := c1.SimulateCrash(); err != nil {
+		t.Fatal(err)
+	}
+	newCtrl()
+	if err := d.Reconnect(sock); err != nil {
+		t.Fatal(err)
+	}
+	write("writethrough OUT after the restart", 1)
+	if cfg, err := d.ReadBlkConfig(); err != nil || cfg.Writeback != 0 {
+		t.Errorf("config after the restart: %+v %v", cfg, err)
+	}
+	if !strings.Contains(logs.String(), "cache mode restored from the inflight area") {
+		t.Errorf("no log line for the restored cache mode:\n%s", logs.String())
+	}
+
+	// The driver switches back; the next restart keeps that too.
+	if err := d.SetWriteback(true); err != nil {
+		t.Fatal(err)
+	}
+	write("writeback OUT after the restart", 0)
+	c2 := e.ctrls[len(e.ctrls)-1]
+	if err := c2.SimulateCrash(); err != nil {
+		t.Fatal(err)
+	}
+	newCtrl()
+	if err := d.Reconnect(sock); err != nil {
+		t.Fatal(err)
+	}
+	write("writeback OUT after a second restart", 0)
 }

@@ -21,10 +21,69 @@ type inflightArea struct {
 	numQueues uint16
 	queueSize uint16
 	stride    uint64
+	// state is the session state kept after the queue regions (below), or
+	// nil when the area has no room for it (one another back-end made).
+	state []byte
 }
 
-// inflightAreaMax bounds an area: every vring at the largest split ring size (about 33 MiB).
-var inflightAreaMax = (2 + MaxQueues) * virtq.InflightQueueBytes(virtq.MaxSize)
+// The session state an area keeps for the next back-end. The area is the
+// back-end's to lay out and the front-end only hands it on (vhost-user.rst:
+// the front-end keeps it across a back-end restart), so an area we allocate
+// carries, after the queue regions, what a restarted target must know that
+// the front-end will not send again: a blk driver's choice of writethrough,
+// which QEMU sent once with SET_CONFIG and keeps in its own copy of the
+// config space. Without it, a target restarted under a guest that chose
+// writethrough would acknowledge writes before they are durable while the
+// guest sends no flushes. Layout: 8 bytes of magic, then one flags byte.
+const (
+	inflightStateBytes = 64
+	inflightStateMagic = "vtstate1"
+	stateWriteThrough  = 1 << 0
+)
+
+// stateAt returns the state block of an area whose queue regions take need
+// bytes, or nil when the area has no room for one.
+func stateAt(area []byte, need uint64) []byte {
+	if uint64(len(area)) < need+inflightStateBytes {
+		return nil
+	}
+	return area[need : need+inflightStateBytes : need+inflightStateBytes]
+}
+
+// saveState writes the session's state into its area, if the area has room.
+func (s *session) saveState() {
+	a := s.inflightArea
+	if a == nil || a.state == nil {
+		return
+	}
+	var flags byte
+	if s.blk.writeThrough.Load() {
+		flags |= stateWriteThrough
+	}
+	a.state[len(inflightStateMagic)] = flags
+	copy(a.state, inflightStateMagic)
+}
+
+// restoreState takes the state a previous back-end left in a received area
+// (read once: the front-end's memory). An area without our magic (new, or
+// another back-end's) leaves the session as it is and gets our state.
+func (s *session) restoreState(a *inflightArea) {
+	if a.state == nil {
+		return
+	}
+	if string(a.state[:len(inflightStateMagic)]) == inflightStateMagic {
+		flags := a.state[len(inflightStateMagic)]
+		wt := flags&stateWriteThrough != 0
+		if wt != s.blk.writeThrough.Load() {
+			s.blk.writeThrough.Store(wt)
+			s.log.Info("cache mode restored from the inflight area (the driver's choice before a restart)",
+				"writeback", !wt)
+		}
+	}
+}
+
+// inflightAreaMax bounds an area: every vring at the largest split ring size (about 33 MiB), and our state.
+var inflightAreaMax = (2+MaxQueues)*virtq.InflightQueueBytes(virtq.MaxSize) + inflightStateBytes
 
 // region returns vring idx's region, or nil when the area was laid out for fewer vrings.
 func (a *inflightArea) region(idx int) []byte {
@@ -75,6 +134,8 @@ func (s *session) getInflightFD(m *proto.Msg) error {
 		return fmt.Errorf("GET_INFLIGHT_FD: memfd: %w", err)
 	}
 	defer unix.Close(fd) // the mapping and the front-end's copy keep the memory
+	need := size
+	size += inflightStateBytes
 	if err := unix.Ftruncate(fd, int64(size)); err != nil {
 		return fmt.Errorf("GET_INFLIGHT_FD: ftruncate %d: %w", size, err)
 	}
@@ -86,7 +147,7 @@ func (s *session) getInflightFD(m *proto.Msg) error {
 		return fmt.Errorf("GET_INFLIGHT_FD: mmap %d: %w", size, err)
 	}
 	a := &inflightArea{mapping: mapping, area: mapping, numQueues: f.NumQueues, queueSize: f.QueueSize,
-		stride: virtq.InflightQueueBytes(f.QueueSize)}
+		stride: virtq.InflightQueueBytes(f.QueueSize), state: stateAt(mapping, need)}
 	for i := range int(f.NumQueues) {
 		virtq.InitInflight(a.region(i), f.QueueSize)
 	}
@@ -137,8 +198,10 @@ func (s *session) setInflightFD(m *proto.Msg) error {
 	}
 	a := &inflightArea{mapping: mapping, area: mapping[f.MmapOffset:end:end], numQueues: f.NumQueues,
 		queueSize: f.QueueSize, stride: virtq.InflightQueueBytes(f.QueueSize)}
+	a.state = stateAt(a.area, need)
 	s.log.Info("inflight area received: rings starting now resume requests in flight", "queues", f.NumQueues,
 		"queue_size", f.QueueSize, "bytes", f.MmapSize)
+	s.restoreState(a)
 	return s.replaceInflight(a)
 }
 
@@ -148,6 +211,7 @@ func (s *session) replaceInflight(a *inflightArea) error {
 	return s.restartAround(func() error {
 		s.inflightArea.close()
 		s.inflightArea = a
+		s.saveState()
 		return nil
 	})
 }

@@ -29,6 +29,17 @@ import (
 	"vhost-target/rpc"
 )
 
+// blkVariant turns oneLUNConfig's scsi controller into a blk controller
+// over the same bdev.
+func blkVariant(t *testing.T, text string) string {
+	t.Helper()
+	scsiLUN := "num_queues = 1\n[[controller.lun]]\ntarget = 0\nlun = 0\nbdev = \"f0\"\n"
+	if !strings.Contains(text, scsiLUN) {
+		t.Fatalf("oneLUNConfig changed; the blk variant needs its LUN: %s", text)
+	}
+	return strings.Replace(text, scsiLUN, "type = \"blk\"\nnum_queues = 1\nbdev = \"f0\"\n", 1)
+}
+
 // restartable is the target binary run as a separate process that a test
 // stops and starts again on the same configuration.
 type restartable struct {
@@ -146,11 +157,7 @@ func testRestarts(t *testing.T, typ string, signals []syscall.Signal, syncFirst,
 	text := fmt.Sprintf("socket_dir = %q\n", dir) + oneLUNConfig(typ, disk, "256MiB", metricsAddr)
 	dev, flush := "/dev/sda", "sg_sync /dev/sda"
 	if blk {
-		scsiLUN := "num_queues = 1\n[[controller.lun]]\ntarget = 0\nlun = 0\nbdev = \"f0\"\n"
-		if !strings.Contains(text, scsiLUN) {
-			t.Fatalf("oneLUNConfig changed; the blk variant needs its LUN: %s", text)
-		}
-		text = strings.Replace(text, scsiLUN, "type = \"blk\"\nnum_queues = 1\nbdev = \"f0\"\n", 1)
+		text = blkVariant(t, text)
 		dev, flush = "/dev/vda", "dd if=/dev/null of=/dev/vda conv=fsync 2>/dev/null"
 	}
 	// VHOST_TARGET_RESTART_POLL=busy runs the reactor busy-polling.
@@ -490,4 +497,87 @@ func TestGuestRestartBlk(t *testing.T) {
 // read-back check the data.
 func TestGuestRestartAIOSync(t *testing.T) {
 	testRestarts(t, "aio", []syscall.Signal{syscall.SIGKILL, syscall.SIGKILL, syscall.SIGKILL}, true, false)
+}
+
+// TestGuestRestartBlkWritethrough: a guest that switched its virtio-blk
+// disk to write through (cache_type, one SET_CONFIG from QEMU) keeps that
+// mode across a target crash. QEMU 10 reconnects but does not send the
+// config again; the restarted target reads the mode from the inflight area
+// the first one allocated and QEMU handed back, and flushes each write
+// before completing it. Counted on the new process's /metrics: 50 direct
+// writes after the restart, at least 50 flushes (none before this fix: the
+// restarted target served writeback while the guest sent no flushes).
+func TestGuestRestartBlkWritethrough(t *testing.T) {
+	img := guestImage(t)
+	q := qemu10(t)
+	dir := shortTempDir(t, "vt-wt-")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metricsAddr := ln.Addr().String()
+	ln.Close()
+	text := fmt.Sprintf("socket_dir = %q\n", dir) +
+		blkVariant(t, oneLUNConfig("file", filepath.Join(backingDir(t), "wt.img"), "64MiB", metricsAddr))
+	cfg := filepath.Join(dir, "t.toml")
+	if err := os.WriteFile(cfg, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d := &restartable{t: t, bin: buildBinary(t), cfg: cfg, sock: filepath.Join(dir, "c0"), rpc: filepath.Join(dir, "rpc.sock")}
+	d.start()
+	defer func() {
+		if d.cmd.ProcessState == nil {
+			d.stop(syscall.SIGTERM)
+		}
+	}()
+	p := newPhases("wt", "written")
+	done := make(chan struct{})
+	var res *guest.Result
+	var rerr error
+	go func() {
+		defer close(done)
+		res, rerr = guest.Run(context.Background(), guest.Options{Image: img, QEMU: q, Console: p,
+			Controllers: []guest.Controller{{Socket: d.sock, Blk: true, Reconnect: 100 * time.Millisecond}},
+			Script: shPrelude + `
+sec mode
+cat /sys/block/vda/cache_type
+echo "write through" > /sys/block/vda/cache_type
+cat /sys/block/vda/cache_type
+echo "phase wt"
+sleep 8
+sec writes
+dd if=/dev/urandom of=/dev/vda bs=4k count=50 oflag=direct 2>/dev/null && echo writes-ok
+cat /sys/block/vda/cache_type
+echo "phase written"
+sleep 1
+`, Timeout: 4 * time.Minute})
+	}()
+	p.wait(t, "wt", done, &res, &rerr)
+	d.stop(syscall.SIGKILL)
+	d.start()
+	p.wait(t, "written", done, &res, &rerr)
+	var flushes, writes float64
+	for k, v := range scrape(t, metricsAddr) {
+		switch {
+		case strings.HasPrefix(k, "vhost_target_lun_flushes_total{"):
+			flushes += v
+		case strings.HasPrefix(k, "vhost_target_lun_writes_total{"):
+			writes += v
+		}
+	}
+	<-done
+	if rerr != nil || res.ExitCode != 0 {
+		t.Fatalf("guest: %v\n%s", rerr, consoleOf(res))
+	}
+	secs := sections(res.Console)
+	wantMatch(t, "mode", section(t, secs, "mode"), `^write back\nwrite through$`)
+	wantMatch(t, "writes", section(t, secs, "writes"), `^writes-ok\nwrite through$`)
+	if writes < 50 || flushes < 50 {
+		t.Errorf("after the restart the target counted %v writes and %v flushes, want at least 50 of each "+
+			"(each write flushed in write through)\n%s", writes, flushes, d.log())
+	}
+	if !strings.Contains(d.log(), "cache mode restored from the inflight area") {
+		t.Errorf("the restarted target did not log the restored cache mode:\n%s", d.log())
+	}
+	t.Logf("after the restart: %v writes, %v flushes", writes, flushes)
 }
