@@ -13,7 +13,6 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"fmt"
-	"log/slog"
 	"math/rand"
 	"path/filepath"
 	"runtime"
@@ -888,18 +887,7 @@ func TestBlkWritethroughAcrossRestart(t *testing.T) {
 	disk := newCacheBdev(e.disk("wt", 1<<20, 512))
 	sock := filepath.Join(t.TempDir(), "b")
 	logs := &syncBuffer{}
-	newCtrl := func() *vhost.Controller {
-		c, err := vhost.NewController(vhost.Config{Name: "b", Kind: vhost.KindBlk, Disk: disk, SocketPath: sock, NumQueues: 1,
-			Reactors: e.r, SocketUID: -1, SocketGID: -1, Logger: slog.New(slog.NewTextHandler(logs, nil))})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := c.Listen(); err != nil {
-			t.Fatal(err)
-		}
-		e.ctrls = append(e.ctrls, c)
-		return c
-	}
+	newCtrl := func() *vhost.Controller { return blkControllerAt(t, e, sock, disk, 1, logs) }
 	c1 := newCtrl()
 	d := dial(t, sock, frontend.Options{Blk: true, Inflight: true})
 	write := func(what string, wantFlushes int64) {

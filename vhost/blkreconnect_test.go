@@ -43,18 +43,7 @@ func TestBlkReconnectResubmitsInflight(t *testing.T) {
 		t.Fatal(err)
 	}
 	sock := filepath.Join(t.TempDir(), "b")
-	newCtrl := func(logs io.Writer) *vhost.Controller {
-		c, err := vhost.NewController(vhost.Config{Name: "b", Kind: vhost.KindBlk, Disk: ed, SocketPath: sock, NumQueues: 2,
-			Reactors: e.r, SocketUID: -1, SocketGID: -1, Logger: slog.New(slog.NewTextHandler(logs, nil))})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := c.Listen(); err != nil {
-			t.Fatal(err)
-		}
-		e.ctrls = append(e.ctrls, c)
-		return c
-	}
+	newCtrl := func(logs io.Writer) *vhost.Controller { return blkControllerAt(t, e, sock, ed, 2, logs) }
 	logs2 := &syncBuffer{}
 	c1 := newCtrl(io.Discard)
 	d := dial(t, sock, frontend.Options{Blk: true, NumQueues: 2, Slots: 8, SlotDataSize: n, Inflight: true})
@@ -179,4 +168,20 @@ func TestBlkReconnectResubmitsInflight(t *testing.T) {
 	if err := d.Close(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// blkControllerAt starts a blk controller "b" of nq queues over disk on sock:
+// a restarted target is a second one on the same socket.
+func blkControllerAt(t *testing.T, e *env, sock string, disk bdev.Bdev, nq int, logs io.Writer) *vhost.Controller {
+	t.Helper()
+	c, err := vhost.NewController(vhost.Config{Name: "b", Kind: vhost.KindBlk, Disk: disk, SocketPath: sock, NumQueues: nq,
+		Reactors: e.r, SocketUID: -1, SocketGID: -1, Logger: slog.New(slog.NewTextHandler(logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Listen(); err != nil {
+		t.Fatal(err)
+	}
+	e.ctrls = append(e.ctrls, c)
+	return c
 }

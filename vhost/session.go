@@ -702,15 +702,20 @@ func (s *session) teardown() {
 	s.closeBackendReq()
 }
 
-// inflight counts the requests in flight on the session's running queues,
-// reading each on its own reactor.
-func (s *session) inflight() int {
+// onQueues runs f for each of the session's running queues on that queue's
+// reactor (between its polls), one after another.
+func (s *session) onQueues(f func(q *queue)) {
 	s.qmu.Lock()
 	defer s.qmu.Unlock()
-	n := 0
 	for _, q := range s.live {
-		q.r.Call(func() { n += q.inflight })
+		q.r.Call(func() { f(q) })
 	}
+}
+
+// inflight counts the requests in flight on the session's running queues.
+func (s *session) inflight() int {
+	n := 0
+	s.onQueues(func(q *queue) { n += q.inflight })
 	return n
 }
 
@@ -730,17 +735,13 @@ func (s *session) waitTaskSet(quit <-chan struct{}) bool {
 	// polls the queue, so chains the driver made available before the TMF
 	// (kicked, but not yet seen by a reactor that was asleep or busy) are
 	// taken as older too.
-	s.qmu.Lock()
-	for _, q := range s.live {
-		q.r.Call(func() {
-			if !q.stopping {
-				q.Poll()
-			}
-			q.epoch++
-			q.older = q.inflight
-		})
-	}
-	s.qmu.Unlock()
+	s.onQueues(func(q *queue) {
+		if !q.stopping {
+			q.Poll()
+		}
+		q.epoch++
+		q.older = q.inflight
+	})
 	start := time.Now()
 	warnAt := start.Add(10 * time.Second)
 	pause := 50 * time.Microsecond
@@ -775,11 +776,7 @@ func (s *session) waitTaskSet(quit <-chan struct{}) bool {
 // on the session's running queues. A queue stopped since has drained (or
 // given up on) its requests; one started since has none that old.
 func (s *session) olderInFlight() int {
-	s.qmu.Lock()
-	defer s.qmu.Unlock()
 	n := 0
-	for _, q := range s.live {
-		q.r.Call(func() { n += q.older })
-	}
+	s.onQueues(func(q *queue) { n += q.older })
 	return n
 }

@@ -7,6 +7,7 @@ import (
 	"vhost-target/bdev"
 	"vhost-target/bdev/errbdev"
 	"vhost-target/reactor"
+	"vhost-target/vhost"
 	"vhost-target/vhost/frontend"
 )
 
@@ -20,35 +21,8 @@ import (
 // guest's abort would never be answered). Meanwhile other I/O is served.
 func TestTMFWaitsForOlderRequests(t *testing.T) {
 	const hold = 11 * time.Second // longer than the old 10 s bound
-	e := newEnv(t, 2, reactor.Adaptive)
-	base := e.disk("base", 4<<20, 512)
-	ed, err := errbdev.New(errbdev.Config{Name: "slow", Base: base, Rules: []errbdev.Rule{
-		{Op: bdev.OpRead, LBAStart: 300, LBACount: 8, Delay: hold},
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sock := e.controller("tmf", 3, lun(0, 0, ed))
-	c := e.ctrls[len(e.ctrls)-1]
-	d, err := frontend.Dial(sock, frontend.Options{NumQueues: 3, Slots: 4, SlotDataSize: 4096, Timeout: 3 * hold})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Abort()
-	for qi := 0; qi < 3; qi++ { // every ring runs before A and the TMF
-		if r, err := d.Do(frontend.Command{Queue: qi, CDB: []byte{0, 0, 0, 0, 0, 0}}); err != nil || r.Status != 0 {
-			t.Fatalf("TEST UNIT READY on queue %d: %v %+v", qi, err, r)
-		}
-	}
-
-	submit := func(qi int) (*frontend.Queue, time.Time) {
-		q := d.Queue(qi)
-		s := q.Get()
-		q.Prepare(s, 0, 0, rw10(0x28, 300, 8), frontend.DirIn, 4096)
-		q.Submit(s)
-		q.Kick()
-		return q, time.Now()
-	}
+	c, d := heldReadDevice(t, 2, 3, hold)
+	submit := func(qi int) (*frontend.Queue, time.Time) { return submitHeldRead(d, qi), time.Now() }
 	reaped := func(q *frontend.Queue) int {
 		return q.Reap(func(s *frontend.Slot) {
 			if s.Response() != 0 || s.Status() != 0 {
@@ -130,36 +104,15 @@ func TestTMFWaitsForOlderRequests(t *testing.T) {
 // request queue's own stop drains the held request, so the stop reports
 // every request completed.
 func TestTMFDeviceStopWhileWaiting(t *testing.T) {
-	const hold = 2 * time.Second
-	e := newEnv(t, 1, reactor.Adaptive)
-	base := e.disk("base", 4<<20, 512)
-	ed, err := errbdev.New(errbdev.Config{Name: "slow", Base: base, Rules: []errbdev.Rule{
-		{Op: bdev.OpRead, LBAStart: 300, LBACount: 8, Delay: hold},
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sock := e.controller("tmfstop", 1, lun(0, 0, ed))
-	c := e.ctrls[len(e.ctrls)-1]
-	d, err := frontend.Dial(sock, frontend.Options{NumQueues: 1, Slots: 4, SlotDataSize: 4096, Timeout: 10 * hold})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Abort()
-	// The queue runs (Dial's last messages ask no reply: without a command
-	// first, the TMF below could reach the target before the ring starts).
-	if r, err := d.Do(frontend.Command{CDB: []byte{0, 0, 0, 0, 0, 0}}); err != nil || r.Status != 0 {
-		t.Fatalf("TEST UNIT READY: %v %+v", err, r)
-	}
-	q := d.Queue(0)
-	s := q.Get()
-	q.Prepare(s, 0, 0, rw10(0x28, 300, 8), frontend.DirIn, 4096)
-	q.Submit(s)
-	q.Kick()
+	const hold = 3 * time.Second
+	c, d := heldReadDevice(t, 1, 1, hold)
+	submitHeldRead(d, 0)
 	start := time.Now()
 	tmfDone := make(chan error, 1)
+	var answered time.Time
 	go func() {
 		r, err := d.TMF(0, 0, frontend.TMFAbortTask, 0)
+		answered = time.Now()
 		if err == nil && r != 0 {
 			t.Errorf("ABORT TASK: response %d", r)
 		}
@@ -181,4 +134,49 @@ func TestTMFDeviceStopWhileWaiting(t *testing.T) {
 	if err := <-tmfDone; err != nil {
 		t.Errorf("TMF: %v", err)
 	}
+	// The stop ended the wait (the control queue's quit), not the read's
+	// completion: without that, the answer would come only after hold.
+	if a := answered.Sub(start); a >= hold {
+		t.Errorf("ABORT TASK answered %v after the held read was submitted: the stop did not end its wait (hold %v)", a, hold)
+	}
+}
+
+// heldReadDevice serves a LUN on which reads of blocks 300..307 are held
+// for hold, on a controller of nq queues over the given number of reactors,
+// and dials it. Every ring runs before it returns (Dial's last messages ask
+// no reply: without a command first, a TMF could reach the target before a
+// ring starts).
+func heldReadDevice(t *testing.T, reactors, nq int, hold time.Duration) (*vhost.Controller, *frontend.Device) {
+	t.Helper()
+	e := newEnv(t, reactors, reactor.Adaptive)
+	base := e.disk("base", 4<<20, 512)
+	ed, err := errbdev.New(errbdev.Config{Name: "slow", Base: base, Rules: []errbdev.Rule{
+		{Op: bdev.OpRead, LBAStart: 300, LBACount: 8, Delay: hold},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := e.controller("tmf", nq, lun(0, 0, ed))
+	d, err := frontend.Dial(sock, frontend.Options{NumQueues: nq, Slots: 4, SlotDataSize: 4096, Timeout: 3 * hold})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(d.Abort)
+	for qi := 0; qi < nq; qi++ {
+		if r, err := d.Do(frontend.Command{Queue: qi, CDB: []byte{0, 0, 0, 0, 0, 0}}); err != nil || r.Status != 0 {
+			t.Fatalf("TEST UNIT READY on queue %d: %v %+v", qi, err, r)
+		}
+	}
+	return e.ctrls[len(e.ctrls)-1], d
+}
+
+// submitHeldRead submits a read of the held blocks on queue qi, without
+// waiting for it.
+func submitHeldRead(d *frontend.Device, qi int) *frontend.Queue {
+	q := d.Queue(qi)
+	s := q.Get()
+	q.Prepare(s, 0, 0, rw10(0x28, 300, 8), frontend.DirIn, 4096)
+	q.Submit(s)
+	q.Kick()
+	return q
 }

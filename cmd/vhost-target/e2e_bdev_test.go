@@ -159,28 +159,11 @@ echo inject-ok
 // failed flush with HARDWARE ERROR, which Linux does not retry.
 func TestGuestFlushErrorNotRetried(t *testing.T) {
 	img := guestImage(t)
-	tg := startTarget(t, targetPrelude+`
-[[bdev]]
-name = "m"
-type = "file"
-path = "`+backingDir(t)+`/f.img"
-create = true
-size = "16MiB"
-[[bdev]]
-name = "e"
-type = "error"
-base = "m"
+	tg := startTarget(t, errorOverFile(t, `
 [[bdev.inject]]
 op = "flush"
 error = "eio"
-[[controller]]
-name = "c0"
-num_queues = 1
-[[controller.lun]]
-target = 0
-lun = 0
-bdev = "e"
-`)
+`))
 	// Counted when the guest says so: at power-off sd_shutdown sends more
 	// SYNCHRONIZE CACHEs (and sd_sync_cache tries each three times).
 	p := newPhases("counted")
@@ -232,31 +215,14 @@ sleep 1
 // other initiators' aborts, are what send TMFs.)
 func TestGuestResetWaitsForHeldRead(t *testing.T) {
 	img := guestImage(t)
-	tg := startTarget(t, targetPrelude+`
-[[bdev]]
-name = "m"
-type = "file"
-path = "`+backingDir(t)+`/f.img"
-create = true
-size = "16MiB"
-[[bdev]]
-name = "e"
-type = "error"
-base = "m"
+	tg := startTarget(t, errorOverFile(t, `
 [[bdev.inject]]
 op = "read"
 lba_start = 8000
 lba_count = 8
 delay = "20s"
 count = 1
-[[controller]]
-name = "c0"
-num_queues = 1
-[[controller.lun]]
-target = 0
-lun = 0
-bdev = "e"
-`)
+`))
 	res, err := guest.Run(context.Background(), guest.Options{Image: img,
 		Controllers: []guest.Controller{{Socket: tg.sock("c0"), NumQueues: 1}},
 		Script: shPrelude + `
@@ -301,4 +267,30 @@ func grepLines(s, sub string) []string {
 		}
 	}
 	return out
+}
+
+// errorOverFile is the config of the flush and reset tests: an error bdev
+// "e" with the given [[bdev.inject]] entries over a 16 MiB file bdev, one
+// LUN on controller c0.
+func errorOverFile(t *testing.T, inject string) string {
+	return targetPrelude + `
+[[bdev]]
+name = "m"
+type = "file"
+path = "` + backingDir(t) + `/f.img"
+create = true
+size = "16MiB"
+[[bdev]]
+name = "e"
+type = "error"
+base = "m"
+` + inject + `
+[[controller]]
+name = "c0"
+num_queues = 1
+[[controller.lun]]
+target = 0
+lun = 0
+bdev = "e"
+`
 }

@@ -29,6 +29,18 @@ import (
 	"vhost-target/rpc"
 )
 
+// freeLoopbackAddr returns a loopback TCP address no one listens on now:
+// the /metrics address every instance of a restarted target takes in turn.
+func freeLoopbackAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
 // blkVariant turns oneLUNConfig's scsi controller into a blk controller
 // over the same bdev.
 func blkVariant(t *testing.T, text string) string {
@@ -148,12 +160,7 @@ func testRestarts(t *testing.T, typ string, signals []syscall.Signal, syncFirst,
 	dir := shortTempDir(t, "vt-rs-")
 	disk := filepath.Join(backingDir(t), "restart.img")
 	cfg := filepath.Join(dir, "t.toml")
-	ln, err := net.Listen("tcp", "127.0.0.1:0") // a free port for the instances' /metrics
-	if err != nil {
-		t.Fatal(err)
-	}
-	metricsAddr := ln.Addr().String()
-	ln.Close()
+	metricsAddr := freeLoopbackAddr(t) // for the instances' /metrics
 	text := fmt.Sprintf("socket_dir = %q\n", dir) + oneLUNConfig(typ, disk, "256MiB", metricsAddr)
 	dev, flush := "/dev/sda", "sg_sync /dev/sda"
 	if blk {
@@ -511,12 +518,7 @@ func TestGuestRestartBlkWritethrough(t *testing.T) {
 	img := guestImage(t)
 	q := qemu10(t)
 	dir := shortTempDir(t, "vt-wt-")
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	metricsAddr := ln.Addr().String()
-	ln.Close()
+	metricsAddr := freeLoopbackAddr(t)
 	text := fmt.Sprintf("socket_dir = %q\n", dir) +
 		blkVariant(t, oneLUNConfig("file", filepath.Join(backingDir(t), "wt.img"), "64MiB", metricsAddr))
 	cfg := filepath.Join(dir, "t.toml")
