@@ -727,9 +727,9 @@ func (s *session) inflight() int {
 // guest buffers the aborted command named; a TMF answered earlier lets the
 // guest reuse them. So there is no time limit (QEMU waits the same way for
 // requests it cannot cancel); the wait is logged every 30 s after the first
-// 10 s. It ends early, returning false, only when quit closes (the control
+// 10 s. It ends early only when quit closes (the control
 // queue stops: the device is stopping and its queues drain on their own).
-func (s *session) waitTaskSet(quit <-chan struct{}) bool {
+func (s *session) waitTaskSet(quit <-chan struct{}) {
 	// One message per queue: requests its reactor has taken before it runs
 	// are in an older epoch, those taken after in the new one. It first
 	// polls the queue, so chains the driver made available before the TMF
@@ -753,7 +753,7 @@ func (s *session) waitTaskSet(quit <-chan struct{}) bool {
 			if d := time.Since(start); d >= 10*time.Second {
 				s.log.Info("task management: requests in flight when it came have completed; answering", "waited", d.Round(time.Millisecond))
 			}
-			return true
+			return
 		}
 		if now := time.Now(); now.After(warnAt) {
 			s.log.Warn("task management: waiting for requests in flight when it came (a bdev not completing?)",
@@ -765,7 +765,7 @@ func (s *session) waitTaskSet(quit <-chan struct{}) bool {
 		case <-quit:
 			s.log.Warn("task management: control queue stopping while requests it waits for are in flight; answering",
 				"requests", n, "waited", time.Since(start).Round(time.Millisecond))
-			return false
+			return
 		case <-t.C:
 		}
 		pause = min(2*pause, 5*time.Millisecond)
